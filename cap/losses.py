@@ -1,0 +1,35 @@
+"""Supervised and distillation losses (spec §3), as pure functions of logits."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification (`logits` [B, C], `labels` [B] long); MSE for regression ([B, 1], float)."""
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
+    """Extractive-QA loss: mean of the start and end cross-entropies ([B, T] logits, [B] positions).
+
+    Positions outside the sequence are clamped to T and ignored, as in the original and the HF QA heads.
+    """
+    length = start_logits.size(1)
+    start = start_positions.long().clamp(0, length)
+    end = end_positions.long().clamp(0, length)
+    loss_start = F.cross_entropy(start_logits.float(), start, ignore_index=length)
+    loss_end = F.cross_entropy(end_logits.float(), end, ignore_index=length)
+    return (loss_start + loss_end) / 2
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), batch mean; for a regression head ([B, 1]) the MSE to the teacher."""
+    if student_logits.size(-1) == 1:
+        return F.mse_loss(student_logits.float(), teacher_logits.float())
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t

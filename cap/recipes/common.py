@@ -1,0 +1,90 @@
+"""What every recipe needs: the task's data, the student and teacher, TrainingArguments, metric rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+from transformers import DataCollatorWithPadding, TrainingArguments
+
+from cap.data import TaskData, get_task, load_task_data
+from cap.errors import UserError
+from cap.models import build_model, load_teacher, load_tokenizer
+from cap.trainer import LossWeights
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class Setup:
+    data: TaskData
+    tokenizer: object
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    collator: DataCollatorWithPadding
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Load and check everything a run needs, before anything is trained or written."""
+    transformers.set_seed(cfg.seed)
+    spec = get_task(cfg.task.name)
+    if cfg.trainer.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={cfg.trainer.precision}: use one of {', '.join(PRECISIONS)}")
+    if cfg.trainer.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("trainer.precision=fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    eval_split = cfg.data.eval_split
+    data = load_task_data(
+        spec.name, tokenizer, data_dir=cfg.data.dir, train_split=cfg.data.train_split,
+        eval_splits=OmegaConf.to_object(eval_split) if OmegaConf.is_config(eval_split) else eval_split,
+        max_seq_length=cfg.data.max_seq_length, max_train_samples=cfg.data.max_train_samples,
+        max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed, doc_stride=cfg.data.doc_stride,
+        max_query_length=cfg.data.max_query_length, cache_dir=cfg.data.cache_dir,
+    )
+    model = build_model(cfg.model.name_or_path, spec)
+    teacher = None
+    if cfg.kd.weight > 0:
+        if not cfg.teacher.path:
+            raise UserError("kd.weight > 0 needs teacher.path=<a checkpoint fine-tuned on this task>")
+        teacher = load_teacher(cfg.teacher.path, spec)
+    return Setup(data, tokenizer, model, teacher, DataCollatorWithPadding(tokenizer))
+
+
+def loss_weights(cfg: DictConfig) -> LossWeights:
+    return LossWeights(ce=cfg.ce.weight, kd=cfg.kd.weight, kd_temperature=cfg.kd.temperature)
+
+
+def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) -> TrainingArguments:
+    t = cfg.trainer
+    save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup,
+        max_grad_norm=t.max_grad_norm,
+        adam_epsilon=1e-8,
+        lr_scheduler_type="linear",
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        logging_steps=t.logging_steps,
+        save_total_limit=t.save_total_limit,
+        seed=cfg.seed,
+        dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # keeps `idx`, which CAP's banks are indexed by
+        report_to=report_to,
+        disable_tqdm=False,
+        **save,
+    )
+
+
+def metric_rows(results: dict[str, dict[str, float]], **fields) -> list[dict]:
+    """One metrics.json row per eval split: the split is always recorded (offline MNLI/QQP use `heldout`)."""
+    return [{**fields, "split": split, **metrics} for split, metrics in results.items()]
