@@ -69,3 +69,46 @@ def load_teacher(path: str, spec):
             "point teacher.path at a model fine-tuned on this task"
         )
     return teacher
+
+
+class RepresentationTap:
+    """Captures a model's sentence representation during its normal forward (spec §1), via forward hooks.
+
+    `cls` on a classification model is the classifier's input: the pooler output after the classifier dropout
+    (the anchor in training; in eval mode it equals the plain pooler output, which is what banks store).
+    `cls` on a QA model is the raw last-layer [CLS] state. `mean` averages the last layer over attended tokens.
+    """
+
+    def __init__(self, model, pooling: str = "cls"):
+        if pooling not in ("cls", "mean"):
+            from cap.errors import UserError
+
+            raise UserError(f"contrast.pooling={pooling}: use cls or mean")
+        self.pooling = pooling
+        self._pooled = self._hidden = None
+        base = model.base_model
+        self._handles = [base.register_forward_hook(self._grab_hidden)]
+        head = getattr(model, "classifier", None)
+        self.use_classifier_input = pooling == "cls" and head is not None and not hasattr(model, "qa_outputs")
+        if self.use_classifier_input:
+            self._handles.append(head.register_forward_pre_hook(self._grab_pooled))
+
+    def _grab_hidden(self, module, args, output):
+        self._hidden = output[0]
+
+    def _grab_pooled(self, module, args):
+        self._pooled = args[0]
+
+    def representation(self, attention_mask) -> "torch.Tensor":
+        """[B, H] for the forward that just ran (not normalised)."""
+        if self.use_classifier_input:
+            return self._pooled
+        if self.pooling == "cls":
+            return self._hidden[:, 0]
+        from cap.contrastive import mean_pool
+
+        return mean_pool(self._hidden, attention_mask)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
