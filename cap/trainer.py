@@ -1,4 +1,5 @@
-"""CAPTrainer: the Hugging Face Trainer with CAP's loss. Glue only: the math lives in cap.losses."""
+"""CAPTrainer: the Hugging Face Trainer with CAP's loss (spec §3). Glue only: the math lives in cap.losses and
+cap.contrastive, the banks in cap.banks, the pruning in cap.pruning."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
+from cap.contrastive import RepresentationBank, contrastive_loss, draw_extra_idx
 from cap.losses import kd_loss, span_loss, task_loss
+from cap.models import RepresentationTap
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 
@@ -18,10 +21,26 @@ class LossWeights:
     kd_temperature: float = 1.0
 
 
-class CAPTrainer(Trainer):
-    """`loss = ce·CE + kd·KD (+ the terms later stages add)`; every term is logged as `loss_<name>`."""
+@dataclass
+class Contrast:
+    """The contrastive terms' settings (config group `contrast`); the weights act inside `contrastive_loss`."""
+    temperature: float = 0.1
+    unsup_weight: float = 0.3
+    sup_weight: float = 3.0
+    extra_examples: int = 4096
+    normalization: str = "original"
+    pooling: str = "cls"
 
-    def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None, **kwargs):
+
+class CAPTrainer(Trainer):
+    """`loss = ce·CE + kd·KD + Σ_{bank in PrC, FiC, SnC} contrastive(bank)`; every term is logged as `loss_<name>`.
+
+    `banks` maps a name (prc, fic, snc) to a RepresentationBank; the ones holding no snapshot yet are skipped.
+    Contrastive terms are computed in training only (evaluation batches carry no contrastive term)."""
+
+    def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
+                 banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
+                 generator: torch.Generator | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = weights
         self.teacher = teacher
@@ -29,13 +48,17 @@ class CAPTrainer(Trainer):
             raise ValueError("kd.weight > 0 needs a teacher: set teacher.path=<fine-tuned checkpoint>")
         if teacher is not None:
             self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.banks = banks or {}
+        self.contrast = contrast or Contrast()
+        self.tap = RepresentationTap(self.model, self.contrast.pooling) if self.banks else None
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(self.args.seed)
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
 
     def loss_terms(self, model, inputs) -> tuple[dict[str, torch.Tensor], object]:
-        """The unweighted loss terms of one batch, and the student's outputs."""
+        """The loss terms of one batch (CE and KD unweighted, contrastive terms with their weights), and outputs."""
         inputs = dict(inputs)
-        inputs.pop("idx", None)
+        idx = inputs.pop("idx", None)
         targets = {k: inputs.pop(k) for k in LABEL_KEYS if k in inputs}
         outputs = model(**inputs)
         terms = {}
@@ -53,10 +76,30 @@ class CAPTrainer(Trainer):
                                + kd_loss(outputs.end_logits, teacher_out.end_logits, t)) / 2
             else:
                 terms["kd"] = kd_loss(outputs.logits, teacher_out.logits, t)
+        if model.training and idx is not None and self.banks:
+            terms.update(self.contrastive_terms(idx, inputs["attention_mask"], targets.get("labels")))
         return terms, outputs
 
+    def contrastive_terms(self, idx, attention_mask, labels) -> dict[str, torch.Tensor]:
+        rep = self.tap.representation(attention_mask)
+        c = self.contrast
+        # the supervised term needs class ids: none for QA and regression (spec §6)
+        use_labels = labels is not None and not labels.is_floating_point()
+        terms = {}
+        for name, bank in self.banks.items():  # order prc, fic, snc fixes the draws (spec §2.7)
+            if bank.n_reps == 0:
+                continue
+            extra = draw_extra_idx(bank.n_items, bank.n_reps, c.extra_examples, self.generator)
+            terms[name] = contrastive_loss(
+                rep, bank.view(), idx, extra, temperature=c.temperature, unsup_weight=c.unsup_weight,
+                sup_weight=c.sup_weight if use_labels else 0.0, labels=labels if use_labels else None,
+                bank_labels=bank.labels if use_labels else None, normalization=c.normalization,
+            )
+        return terms
+
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(getattr(self.weights, name) * value for name, value in terms.items())
+        # CE and KD carry their config weights; contrastive terms come weighted from contrastive_loss
+        return sum(getattr(self.weights, name, 1.0) * value for name, value in terms.items())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, outputs = self.loss_terms(model, inputs)

@@ -1,0 +1,73 @@
+"""Encoding banks (spec §4): one batched, no-grad pass over the training set in dataset order, written straight
+into a RepresentationBank. Under several processes each rank encodes a contiguous shard and the shards are
+gathered, so every rank ends with the same bank."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cap.contrastive import RepresentationBank
+from cap.models import RepresentationTap
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def encode_vectors(model, dataset, collator, *, pooling: str = "cls", batch_size: int = 128,
+                   precision: str = "fp32", train_mode: bool = False, desc: str = "encoding") -> torch.Tensor:
+    """[N, H] L2-normalised float32 sentence vectors of `dataset` (this rank's shard when distributed, else all),
+    in dataset order. Eval mode unless `train_mode` (spec Q7)."""
+    rank, world = _world()
+    n = len(dataset)
+    shard = -(-n // world)
+    rows = range(rank * shard, min(n, (rank + 1) * shard))
+    columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
+    loader = DataLoader(dataset.select(rows).select_columns(columns), batch_size=batch_size, shuffle=False,
+                        collate_fn=collator)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.train(train_mode)
+    tap = RepresentationTap(model, pooling)
+    out = []
+    try:
+        for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(device, precision):
+                model(**batch)
+            out.append(F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1))
+    finally:
+        tap.remove()
+        model.train(was_training)
+    vectors = torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
+    return _gather_shards(vectors, shard, n) if world > 1 else vectors
+
+
+def _gather_shards(local: torch.Tensor, shard: int, n: int) -> torch.Tensor:
+    padded = torch.zeros(shard, local.size(1), device=local.device)
+    padded[: local.size(0)] = local
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
+
+
+def encode_into(bank: RepresentationBank, model, dataset, collator, **kwargs) -> None:
+    """Encode `dataset` with `model` and append the result to `bank` as its next snapshot."""
+    bank.append(encode_vectors(model, dataset, collator, **kwargs).to(bank.storage.device))

@@ -1,0 +1,267 @@
+"""CAP-f structured pruning (spec §5.1): head and FFN masks as hooks, first-order importance, schedule, selection.
+
+Masks act on an unmodified Hugging Face BERT-family model (spec Q22). L = layers, A = heads per layer,
+F = FFN neurons per layer, all read from the model. A mask entry of 1 keeps a unit, 0 removes it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers (`model.base_model.encoder.layer`) of a BERT-family model."""
+    try:
+        return model.base_model.encoder.layer
+    except AttributeError as error:
+        raise TypeError(f"{type(model).__name__} has no base_model.encoder.layer; CAP-f masks need a "
+                        "BERT-family model (BertForSequenceClassification, BertForQuestionAnswering, ...)") from error
+
+
+def mask_shapes(model: nn.Module) -> tuple[int, int, int]:
+    """(L, A, F) from the model's modules; every layer must have the same A and F."""
+    layers = encoder_layers(model)
+    shapes = {(layer.attention.self.num_attention_heads, layer.intermediate.dense.out_features) for layer in layers}
+    if len(shapes) != 1:
+        raise ValueError(f"layers differ in (heads, FFN neurons): {sorted(shapes)}; [L, A] / [L, F] masks need "
+                         "the same shape in every layer")
+    heads, neurons = shapes.pop()
+    return len(layers), heads, neurons
+
+
+def _size(linear: nn.Linear, with_bias: bool = True) -> int:
+    return linear.weight.numel() + (linear.bias.numel() if with_bias and linear.bias is not None else 0)
+
+
+class StructuredMasks:
+    """`head_mask` [L, A] and `ffn_mask` [L, F] (float32, on the model's device) applied with forward hooks.
+
+    A head's mask scales its context [B, T, d] before the attention output projection, which equals masking its
+    attention probabilities after dropout (spec Q22). An FFN mask scales the activation output of
+    `layer.intermediate`. The biases of `attention.output.dense` and `output.dense` stay (spec Q19).
+    """
+
+    def __init__(self, head_mask: Tensor, ffn_mask: Tensor):
+        if head_mask.dim() != 2 or ffn_mask.dim() != 2 or head_mask.size(0) != ffn_mask.size(0):
+            raise ValueError(f"expected head_mask [L, A] and ffn_mask [L, F], got {tuple(head_mask.shape)} "
+                             f"and {tuple(ffn_mask.shape)}")
+        self.head_mask = head_mask.detach().float().clone()
+        self.ffn_mask = ffn_mask.detach().float().clone()
+        self._handles: list = []
+        self._unit_sizes: tuple[Tensor, Tensor, int] | None = None
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> StructuredMasks:
+        """All-ones masks shaped after `model`, on its device (hooks are not registered: call `apply`)."""
+        n_layers, n_heads, n_neurons = mask_shapes(model)
+        device = encoder_layers(model)[0].intermediate.dense.weight.device
+        masks = cls(torch.ones(n_layers, n_heads, device=device), torch.ones(n_layers, n_neurons, device=device))
+        masks._unit_sizes = _unit_sizes(model)
+        return masks
+
+    @property
+    def is_applied(self) -> bool:
+        return bool(self._handles)
+
+    def apply(self, model: nn.Module) -> StructuredMasks:
+        """Register the hooks on `model` (moving the masks to its device); returns self."""
+        if self._handles:
+            raise RuntimeError("masks are already applied to a model; call remove() first")
+        shape = mask_shapes(model)
+        if shape != (*self.head_mask.shape, self.ffn_mask.size(1)):
+            raise ValueError(f"masks [L, A]={tuple(self.head_mask.shape)}, F={self.ffn_mask.size(1)} do not fit "
+                             f"the model's (L, A, F)={shape}")
+        device = encoder_layers(model)[0].intermediate.dense.weight.device
+        tracking = self.head_mask.requires_grad
+        self.head_mask = self.head_mask.detach().to(device).requires_grad_(tracking)
+        self.ffn_mask = self.ffn_mask.detach().to(device).requires_grad_(tracking)
+        self._unit_sizes = _unit_sizes(model)
+        for index, layer in enumerate(encoder_layers(model)):
+            self._handles.append(layer.attention.output.dense.register_forward_pre_hook(self._head_hook(index)))
+            self._handles.append(layer.intermediate.register_forward_hook(self._ffn_hook(index)))
+        return self
+
+    def remove(self) -> None:
+        """Remove the hooks; the model computes as if unmasked again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _head_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            context, *rest = args  # [B, T, A*d], heads in order along the last axis
+            mask = self.head_mask[index].to(context.dtype)
+            heads = context.reshape(*context.shape[:-1], mask.numel(), -1) * mask[:, None]
+            return (heads.reshape(context.shape), *rest)
+        return hook
+
+    def _ffn_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            return output * self.ffn_mask[index].to(output.dtype)  # [B, T, F]
+        return hook
+
+    def track_gradients(self, enabled: bool = True) -> None:
+        """Let backward fill `head_mask.grad` / `ffn_mask.grad` (importance); disabling also clears them."""
+        for mask in (self.head_mask, self.ffn_mask):
+            mask.requires_grad_(enabled)
+            if not enabled:
+                mask.grad = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"head_mask": self.head_mask.detach().cpu().clone(), "ffn_mask": self.ffn_mask.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy saved masks in place (registered hooks see the new values)."""
+        for name in ("head_mask", "ffn_mask"):
+            mask = getattr(self, name)
+            if tuple(state[name].shape) != tuple(mask.shape):
+                raise ValueError(f"saved {name} has shape {tuple(state[name].shape)}, expected {tuple(mask.shape)}")
+            with torch.no_grad():
+                mask.copy_(state[name])
+
+    def sparsity(self) -> dict[str, float]:
+        """Fractions removed (spec Q13): `heads`, `ffn_neurons` (units masked) and `encoder_params`.
+
+        `encoder_params` counts per masked head its Q/K/V weight rows and biases and its output-projection columns,
+        per masked neuron its FFN-in row and bias and its FFN-out column, over all parameters of the encoder
+        (LayerNorms and the kept output biases included in the total).
+        """
+        if self._unit_sizes is None:
+            raise RuntimeError("parameter counts unknown: build the masks with from_model() or apply() them")
+        per_head, per_neuron, total = self._unit_sizes
+        heads_off = (self.head_mask.detach() == 0).sum(dim=1).cpu()
+        neurons_off = (self.ffn_mask.detach() == 0).sum(dim=1).cpu()
+        removed = (heads_off * per_head).sum() + (neurons_off * per_neuron).sum()
+        return {"heads": heads_off.sum().item() / self.head_mask.numel(),
+                "ffn_neurons": neurons_off.sum().item() / self.ffn_mask.numel(),
+                "encoder_params": removed.item() / total}
+
+
+def _unit_sizes(model: nn.Module) -> tuple[Tensor, Tensor, int]:
+    """Parameters per head [L] and per FFN neuron [L], and the encoder's parameter count."""
+    _, n_heads, n_neurons = mask_shapes(model)
+    per_head, per_neuron = [], []
+    for layer in encoder_layers(model):
+        attention = layer.attention
+        qkv = sum(_size(getattr(attention.self, name)) for name in ("query", "key", "value"))
+        per_head.append((qkv + _size(attention.output.dense, with_bias=False)) // n_heads)
+        per_neuron.append((_size(layer.intermediate.dense) + _size(layer.output.dense, with_bias=False)) // n_neurons)
+    total = sum(p.numel() for p in model.base_model.encoder.parameters())
+    return torch.tensor(per_head), torch.tensor(per_neuron), total
+
+
+def pruning_targets(n_heads_total: int, n_neurons_total: int, sequence: Sequence[float]) -> list[tuple[int, int]]:
+    """Cumulative (heads, neurons) to have masked after each step: `int(total · p)` for p in `sequence`.
+
+    The totals come from the model's real shapes (spec Q11). The 1e-9 guards against float round-off so that
+    p=0.29 of 100 gives 29, as the original's integer percentages do.
+    """
+    values = [float(p) for p in sequence]
+    if not values:
+        raise ValueError("the pruning sequence is empty; give increasing fractions such as [0.1, 0.2, ..., 0.9]")
+    if any(not 0 < p < 1 for p in values):
+        raise ValueError(f"pruning sequence {values}: every fraction must lie strictly between 0 and 1")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"pruning sequence {values} must be strictly increasing (cumulative fractions)")
+    return [(int(n_heads_total * p + 1e-9), int(n_neurons_total * p + 1e-9)) for p in values]
+
+
+def compute_importance(model: nn.Module, masks: StructuredMasks, batches: Iterable[dict[str, Tensor]],
+                       loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor],
+                       desc: str | None = None) -> tuple[Tensor, Tensor]:
+    """First-order importance I = Σ_batches |∂L/∂m| (spec §5.1), evaluated at the current masks.
+
+    Runs in eval mode. Parameters are frozen for the pass (no weight gradients are computed, the cheap way to
+    discard them after each batch) and every flag is restored afterwards. `loss_fn(model, batch)` returns the
+    scalar loss the caller chooses (CAP-f: the full training loss). `desc` shows a tqdm bar.
+    Returns (head importance [L, A], FFN importance [L, F]), float32 on the masks' device.
+    """
+    was_training, was_applied, was_tracking = model.training, masks.is_applied, masks.head_mask.requires_grad
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not was_applied:
+        masks.apply(model)
+    head_importance = torch.zeros_like(masks.head_mask.detach())
+    ffn_importance = torch.zeros_like(masks.ffn_mask.detach())
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    masks.track_gradients(True)
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        for batch in tqdm(batches, desc=desc, disable=desc is None):
+            loss = loss_fn(model, batch)
+            if not loss.requires_grad:
+                raise ValueError("loss_fn returned a loss that does not depend on the masks; are they applied to "
+                                 "this model?")
+            loss.backward()
+            for importance, mask in ((head_importance, masks.head_mask), (ffn_importance, masks.ffn_mask)):
+                if mask.grad is not None:
+                    importance += mask.grad.abs()
+                    mask.grad = None
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        masks.track_gradients(was_tracking)
+        if not was_applied:
+            masks.remove()
+        model.train(was_training)
+    return head_importance.float(), ffn_importance.float()
+
+
+def normalize_by_layer(importance: Tensor) -> Tensor:
+    """Each layer's row [L, X] divided by its L2 norm + 1e-20 (`--normalize_pruning_by_layer`)."""
+    return importance / (importance.norm(dim=-1, keepdim=True) + 1e-20)
+
+
+def _select(importance: Tensor, mask: Tensor, n_to_prune: int, floor: int, floor_among_all: bool,
+            unit: str) -> Tensor:
+    """Mask the `n_to_prune` lowest-importance unpruned units of [L, X], keeping the `floor` best of each layer."""
+    if importance.shape != mask.shape:
+        raise ValueError(f"importance {tuple(importance.shape)} and {unit} mask {tuple(mask.shape)} differ in shape")
+    if n_to_prune < 0 or not 0 <= floor <= mask.size(1):
+        raise ValueError(f"need n_to_prune >= 0 and 0 <= per-layer floor <= {mask.size(1)}, got {n_to_prune}, {floor}")
+    importance = importance.detach().to(mask.device, torch.float32)
+    if torch.isnan(importance).any():
+        raise ValueError(f"{unit} importance contains NaN; check the loss of the importance pass")
+    alive = mask.detach() != 0
+    ranked = importance if floor_among_all else importance.masked_fill(~alive, float("-inf"))
+    protected = torch.zeros_like(alive)
+    protected.scatter_(1, ranked.topk(floor, dim=1).indices, True)
+    candidates = (alive & ~protected).flatten().nonzero().squeeze(1)
+    if n_to_prune > candidates.numel():
+        raise ValueError(f"cannot prune {n_to_prune} more {unit}: only {candidates.numel()} can go while keeping "
+                         f"{floor} per layer ({int(alive.sum())} of {mask.numel()} still unpruned)")
+    order = importance.flatten()[candidates].argsort(stable=True)
+    new_mask = mask.detach().clone()
+    new_mask.view(-1)[candidates[order[:n_to_prune]]] = 0
+    return new_mask
+
+
+def select_heads(importance: Tensor, head_mask: Tensor, n_to_prune: int, *, min_heads_per_layer: int = 1,
+                 legacy_floor: bool = False) -> Tensor:
+    """New head_mask [L, A] with `n_to_prune` more heads masked: global ascending ranking, masked heads skipped.
+
+    The floor protects the `min_heads_per_layer` best *unpruned* heads of each layer (spec Q10), so a layer never
+    loses all its heads. `legacy_floor=True` is the original's rule: the best heads among all heads, masked ones
+    included, which can empty a layer.
+    """
+    new_mask = _select(importance, head_mask, n_to_prune, min_heads_per_layer, legacy_floor, "heads")
+    emptied = ((new_mask == 0).all(dim=1) & (head_mask != 0).any(dim=1)).nonzero().flatten().tolist()
+    if emptied:
+        logger.warning("layers %s lost their last head (legacy_floor=%s, min_heads_per_layer=%d; spec Q10)",
+                       emptied, legacy_floor, min_heads_per_layer)
+    return new_mask
+
+
+def select_neurons(importance: Tensor, ffn_mask: Tensor, n_to_prune: int, *, min_per_layer: int = 0) -> Tensor:
+    """New ffn_mask [L, F] with `n_to_prune` more neurons masked: one global ascending ranking, masked ones skipped.
+
+    No floor by default, as the original (spec Q12); `min_per_layer` keeps that many best unpruned neurons per layer.
+    """
+    return _select(importance, ffn_mask, n_to_prune, min_per_layer, False, "FFN neurons")

@@ -1,0 +1,105 @@
+"""Bank encoding: dataset order, eval mode, one process vs two (gloo) give the same bank; CAP training with all
+three banks lowers the contrastive terms."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from datasets import Dataset
+from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, TrainerCallback,
+                          TrainingArguments)
+
+from cap.banks import encode_into, encode_vectors
+from cap.contrastive import RepresentationBank
+from cap.trainer import CAPTrainer, Contrast, LossWeights
+
+
+def toy_dataset(n=40, seq=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 3000, (n, seq), generator=g)
+    ids[:, 0] = 101
+    lengths = torch.randint(4, seq + 1, (n,), generator=g)
+    input_ids = [row[:k].tolist() for row, k in zip(ids, lengths)]
+    return Dataset.from_dict({
+        "input_ids": input_ids, "attention_mask": [[1] * len(r) for r in input_ids],
+        "labels": (ids[:, 1] % 2).tolist(), "idx": list(range(n)),
+    })
+
+
+def tiny_classifier(path, seed=0):
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def test_encoding_is_in_dataset_order_normalised_and_in_eval_mode(tiny_model_dir, tokenizer):
+    model = tiny_classifier(tiny_model_dir).train()
+    data = toy_dataset()
+    collator = DataCollatorWithPadding(tokenizer)
+    whole = encode_vectors(model, data, collator, batch_size=7)
+    assert model.training  # mode restored
+    assert whole.shape == (40, 32)
+    assert torch.allclose(whole.norm(dim=-1), torch.ones(40), atol=1e-5)
+    one_by_one = torch.cat([encode_vectors(model, data.select([i]), collator) for i in (5, 17)])
+    assert torch.allclose(whole[[5, 17]], one_by_one, atol=1e-5)  # padding and batching change nothing
+    model.eval()
+    with torch.no_grad():
+        pooled = model.bert(input_ids=torch.tensor([data[3]["input_ids"]])).pooler_output
+    assert torch.allclose(whole[3], torch.nn.functional.normalize(pooled, dim=-1)[0], atol=1e-5)
+
+
+def _encode_worker(rank, world, model_dir, tokenizer_dir, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["CAP_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from transformers import AutoTokenizer
+
+    model = tiny_classifier(model_dir)
+    bank = RepresentationBank(40, 32, max_reps=1)
+    encode_into(bank, model, toy_dataset(), DataCollatorWithPadding(AutoTokenizer.from_pretrained(tokenizer_dir)),
+                batch_size=6)
+    torch.save(bank.view().clone(), f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_processes_build_the_same_bank_as_one(tiny_model_dir, tokenizer, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["CAP_TEST_PORT"] = str(s.getsockname()[1])
+    out = tmp_path / "bank"
+    mp.spawn(_encode_worker, args=(2, str(tiny_model_dir), str(tiny_model_dir), str(out)), nprocs=2)
+    single = RepresentationBank(40, 32, max_reps=1)
+    encode_into(single, tiny_classifier(tiny_model_dir), toy_dataset(), DataCollatorWithPadding(tokenizer))
+    rank0, rank1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert torch.equal(rank0, rank1)
+    assert torch.allclose(rank0.float(), single.view().float(), atol=1e-3)
+
+
+def test_training_with_three_banks_lowers_the_contrastive_terms(tiny_model_dir, tokenizer, tmp_path):
+    data, collator = toy_dataset(n=48), DataCollatorWithPadding(tokenizer)
+    student, teacher = tiny_classifier(tiny_model_dir, 0), tiny_classifier(tiny_model_dir, 1)
+    labels = torch.tensor(data["labels"])
+    banks = {name: RepresentationBank(48, 32, max_reps=r, labels=labels) for name, r in
+             (("prc", 1), ("fic", 1), ("snc", 2))}
+    encode_into(banks["prc"], student, data, collator)
+    encode_into(banks["fic"], teacher, data, collator)
+    encode_into(banks["snc"], student, data, collator)
+    encode_into(banks["snc"], teacher, data, collator)
+    logged = []
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                logged.append(logs)
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=60,
+                             learning_rate=3e-3, logging_steps=10, report_to=[], remove_unused_columns=False,
+                             save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = CAPTrainer(model=student, args=args, train_dataset=data, data_collator=collator,
+                         weights=LossWeights(ce=0.1, kd=0.9, kd_temperature=2.0), teacher=teacher, banks=banks,
+                         contrast=Contrast(temperature=0.1, unsup_weight=1.0, sup_weight=1.0, extra_examples=16),
+                         callbacks=[Capture()])
+    trainer.train()
+    for term in ("loss_prc", "loss_fic", "loss_snc"):
+        assert logged[-1][term] < logged[0][term], (term, [r[term] for r in logged])
