@@ -55,8 +55,11 @@ class CAPTrainer(Trainer):
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
 
-    def loss_terms(self, model, inputs) -> tuple[dict[str, torch.Tensor], object]:
-        """The loss terms of one batch (CE and KD unweighted, contrastive terms with their weights), and outputs."""
+    def loss_terms(self, model, inputs, contrast: bool | None = None) -> tuple[dict[str, torch.Tensor], object]:
+        """The loss terms of one batch (CE and KD unweighted, contrastive terms with their weights), and outputs.
+
+        Contrastive terms are computed in training (`contrast=None`), or when asked: CAP-f's importance pass runs
+        the full loss in eval mode (spec §5.1)."""
         inputs = dict(inputs)
         idx = inputs.pop("idx", None)
         targets = {k: inputs.pop(k) for k in LABEL_KEYS if k in inputs}
@@ -76,9 +79,15 @@ class CAPTrainer(Trainer):
                                + kd_loss(outputs.end_logits, teacher_out.end_logits, t)) / 2
             else:
                 terms["kd"] = kd_loss(outputs.logits, teacher_out.logits, t)
-        if model.training and idx is not None and self.banks:
+        if (model.training if contrast is None else contrast) and idx is not None and self.banks:
             terms.update(self.contrastive_terms(idx, inputs["attention_mask"], targets.get("labels")))
         return terms, outputs
+
+    def release(self) -> None:
+        """Detach the representation hooks from the model (a recipe builds one trainer per pruning step)."""
+        if self.tap is not None:
+            self.tap.remove()
+            self.tap = None
 
     def contrastive_terms(self, idx, attention_mask, labels) -> dict[str, torch.Tensor]:
         rep = self.tap.representation(attention_mask)

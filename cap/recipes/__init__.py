@@ -9,9 +9,9 @@ from cap.errors import UserError
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    from cap.recipes import finetune
+    from cap.recipes import cap_f, finetune
 
-    recipes = {"finetune": finetune.run}
+    recipes = {"finetune": finetune.run, "cap_f": cap_f.run}
     if cfg.method.name not in recipes:
         raise UserError(f"unknown method '{cfg.method.name}': choose one of {', '.join(recipes)}")
     return recipes[cfg.method.name](cfg, Path(run_dir))

@@ -26,7 +26,7 @@ class Setup:
     collator: DataCollatorWithPadding
 
 
-def prepare(cfg: DictConfig) -> Setup:
+def prepare(cfg: DictConfig, *, teacher_path: str | None = None) -> Setup:
     """Load and check everything a run needs, before anything is trained or written."""
     transformers.set_seed(cfg.seed)
     spec = get_task(cfg.task.name)
@@ -44,11 +44,12 @@ def prepare(cfg: DictConfig) -> Setup:
         max_query_length=cfg.data.max_query_length, cache_dir=cfg.data.cache_dir,
     )
     model = build_model(cfg.model.name_or_path, spec)
+    teacher_path = teacher_path or cfg.teacher.path
     teacher = None
-    if cfg.kd.weight > 0:
-        if not cfg.teacher.path:
-            raise UserError("kd.weight > 0 needs teacher.path=<a checkpoint fine-tuned on this task>")
-        teacher = load_teacher(cfg.teacher.path, spec)
+    if teacher_path:
+        teacher = load_teacher(teacher_path, spec)
+    elif cfg.kd.weight > 0:
+        raise UserError("kd.weight > 0 needs teacher.path=<a checkpoint fine-tuned on this task>")
     return Setup(data, tokenizer, model, teacher, DataCollatorWithPadding(tokenizer))
 
 
@@ -88,3 +89,33 @@ def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) 
 def metric_rows(results: dict[str, dict[str, float]], **fields) -> list[dict]:
     """One metrics.json row per eval split: the split is always recorded (offline MNLI/QQP use `heldout`)."""
     return [{**fields, "split": split, **metrics} for split, metrics in results.items()]
+
+
+def training_settings(cfg: DictConfig) -> dict:
+    """The config keys that change what a fine-tuned teacher learns (its cache key)."""
+    keys = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": cfg.seed,
+            "data": OmegaConf.to_container(cfg.data, resolve=True), "epochs": cfg.teacher.epochs}
+    return keys
+
+
+def ensure_teacher(cfg: DictConfig) -> str:
+    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
+    if cfg.teacher.path:
+        return cfg.teacher.path
+    import hashlib
+    import json
+
+    from cap.recipes import finetune
+
+    key = hashlib.sha1(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    teacher_dir = Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}"
+    teacher_cfg = OmegaConf.merge(cfg, {
+        "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
+        "contrast": {"enabled": False}, "trainer": {"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
+                                                     "max_steps": -1, "resume": True},
+    })
+    if not (teacher_dir / "model" / finetune.DONE).exists():
+        print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        finetune.run(teacher_cfg, teacher_dir)
+    return str(teacher_dir / "model")

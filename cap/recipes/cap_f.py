@@ -1,0 +1,175 @@
+"""CAP-f (spec §4 CAP-f, §5.1): iterative structured pruning with PrC/SnC/FiC banks.
+
+For each target sparsity: importance with the current loss -> choose the new heads/neurons -> encode the current
+model (old masks) into PrC (first step) or SnC -> apply the masks -> retrain with a fresh optimizer -> evaluate ->
+save the stage. A killed run resumes at the stage it was in: the selection (masks, banks) is saved before
+retraining, and retraining resumes from its last complete checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from cap import tracking
+from cap.banks import encode_into
+from cap.contrastive import RepresentationBank
+from cap.errors import UserError
+from cap.evaluation import evaluate_task
+from cap.io import append_metrics, last_complete_checkpoint, read_json, write_json_atomic
+from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
+                         select_heads, select_neurons)
+from cap.recipes.common import ensure_teacher, loss_weights, metric_rows, prepare, training_arguments
+from cap.trainer import CAPTrainer, Contrast
+
+BANK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_banks(cfg: DictConfig, n_items: int, dim: int, labels, n_stages: int) -> dict[str, RepresentationBank]:
+    """The enabled banks, in the loss order PrC, FiC, SnC (spec §2.7). SnC holds one snapshot per earlier stage."""
+    c = cfg.contrast
+    if not c.enabled:
+        return {}
+    if cfg.bank.dtype not in BANK_DTYPES:
+        raise UserError(f"bank.dtype={cfg.bank.dtype}: use one of {', '.join(BANK_DTYPES)}")
+    sizes = {"prc": 1 if c.prc else 0, "fic": 1 if c.fic else 0, "snc": n_stages - 1 if c.snc else 0}
+    return {name: RepresentationBank(n_items, dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device,
+                                     labels=labels)
+            for name, reps in sizes.items() if reps > 0}
+
+
+def contrast_settings(cfg: DictConfig) -> Contrast:
+    c = cfg.contrast
+    return Contrast(temperature=c.temperature, unsup_weight=c.unsup_weight, sup_weight=c.sup_weight,
+                    extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling)
+
+
+def check_sequence(sequence) -> list[float]:
+    seq = [float(p) for p in sequence]
+    if not seq or any(not 0 < p < 1 for p in seq) or any(b <= a for a, b in zip(seq, seq[1:])):
+        raise UserError(f"prune.sequence={seq}: use increasing sparsities strictly between 0 and 1, "
+                        "e.g. prune.sequence=[0.1,0.2,0.3]")
+    return seq
+
+
+def save_banks(banks, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, bank in banks.items():
+        bank.save(folder / f"{name}.safetensors")
+
+
+def load_banks(banks, folder: Path) -> None:
+    for name, bank in banks.items():
+        saved = RepresentationBank.load(folder / f"{name}.safetensors", dtype=bank.storage.dtype)
+        bank.storage[:, : saved.n_reps].copy_(saved.view())
+        bank.n_reps = saved.n_reps
+
+
+def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
+    sequence = check_sequence(cfg.prune.sequence)
+    if not 0 < cfg.prune.importance_fraction <= 1:
+        raise UserError(f"prune.importance_fraction={cfg.prune.importance_fraction}: use a value in (0, 1]")
+    setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
+    model, data = setup.model, setup.data
+    n_layers, n_heads, n_neurons = mask_shapes(model)
+    targets = pruning_targets(n_layers * n_heads, n_layers * n_neurons, sequence)
+    masks = StructuredMasks.from_model(model).apply(model)
+    labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
+    banks = build_banks(cfg, len(data.train), model.config.hidden_size, labels, len(sequence))
+    encode = dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size,
+                  precision=cfg.trainer.precision)
+    report_to = tracking.start(cfg, run_dir)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    device = training_arguments(cfg, run_dir, []).device
+    model.to(device)
+    bank_dir = run_dir / "banks"
+    if "fic" in banks:
+        if (bank_dir / "fic.safetensors").exists():
+            load_banks({"fic": banks["fic"]}, bank_dir)
+        else:
+            encode_into(banks["fic"], setup.teacher.to(device), data.train, setup.collator, desc="FiC bank", **encode)
+            save_banks({"fic": banks["fic"]}, bank_dir)
+
+    rows = []
+    for step, (sparsity, (n_head_target, n_neuron_target)) in enumerate(zip(sequence, targets)):
+        stage_dir = run_dir / "stages" / f"{sparsity:g}"
+        if (stage_dir / "DONE").exists():
+            restore_stage(stage_dir, model, masks, banks)
+            rows = read_json(run_dir / "metrics.json", [])
+            continue
+        args = training_arguments(cfg, stage_dir / "checkpoints", report_to)
+        args.num_train_epochs = cfg.prune.retrain_epochs
+        trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
+                             processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
+                             banks=banks, contrast=contrast_settings(cfg), generator=generator)
+        selected = stage_dir / "selected"
+        if (selected / "masks.safetensors").exists():
+            masks.load_state_dict(load_file(str(selected / "masks.safetensors")))
+            load_banks(banks, selected)
+        else:
+            # importance uses the banks as they were after the previous step: none at the first (spec §4)
+            new = choose_units(cfg, trainer, model, masks, data.train, setup.collator, generator,
+                               n_head_target, n_neuron_target, contrast=step > 0)
+            # the current model, before the new masks, becomes PrC (first step) or the next SnC snapshot (§4)
+            name = "prc" if step == 0 else "snc"
+            if name in banks:
+                encode_into(banks[name], model, data.train, setup.collator, desc=f"{name} bank",
+                            train_mode=False, **encode)
+            masks.load_state_dict(new)
+            tmp = stage_dir / "selected.tmp"
+            save_banks(banks, tmp)
+            save_file(masks.state_dict(), str(tmp / "masks.safetensors"))
+            tmp.replace(selected)
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(stage_dir / "checkpoints")
+                      if cfg.trainer.resume else None)
+        results = evaluate_task(trainer, data, out_dir=stage_dir)
+        trainer.release()
+        stage_rows = metric_rows(results, stage=step, method="cap_f", sparsity=sparsity, step=trainer.state.global_step,
+                                 **{f"sparsity_{k}": round(v, 6) for k, v in masks.sparsity().items()})
+        model.save_pretrained(stage_dir / "model")
+        save_file(masks.state_dict(), str(stage_dir / "masks.safetensors"))
+        append_metrics(run_dir, stage_rows)
+        write_json_atomic(stage_dir / "DONE", {"rows": stage_rows})
+        rows += stage_rows
+        trainer.log({f"{r['split']}/{k}": v for r in stage_rows for k, v in r.items() if isinstance(v, float)})
+        print(f"sparsity {sparsity:g}: " + ", ".join(f"{r['split']} " + " ".join(
+            f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float) and not k.startswith("sparsity"))
+            for r in stage_rows))
+    tracking.finish()
+    return rows
+
+
+def choose_units(cfg, trainer, model, masks, train, collator, generator, n_head_target, n_neuron_target, contrast):
+    """New masks: first-order importance with the full current loss (eval mode), normalised per layer (§5.1)."""
+    p = cfg.prune
+    rows = range(len(train))
+    if p.importance_fraction < 1:
+        keep = torch.randperm(len(train), generator=generator)[: max(1, int(p.importance_fraction * len(train)))]
+        rows = sorted(keep.tolist())
+    loader = DataLoader(train.select(rows), batch_size=p.importance_batch_size, shuffle=False, collate_fn=collator)
+    device = next(model.parameters()).device
+    batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
+
+    def loss_fn(model, batch):
+        terms, _ = trainer.loss_terms(model, batch, contrast=contrast)
+        return trainer.weighted(terms)
+
+    head_imp, ffn_imp = compute_importance(model, masks, batches, loss_fn, desc="importance")
+    if p.normalize_by_layer:
+        head_imp, ffn_imp = normalize_by_layer(head_imp), normalize_by_layer(ffn_imp)
+    head_mask, ffn_mask = masks.head_mask, masks.ffn_mask
+    new_heads = select_heads(head_imp, head_mask, n_head_target - int((head_mask == 0).sum()),
+                             min_heads_per_layer=p.min_heads_per_layer, legacy_floor=p.legacy_head_floor)
+    new_ffn = select_neurons(ffn_imp, ffn_mask, n_neuron_target - int((ffn_mask == 0).sum()),
+                             min_per_layer=p.min_ffn_per_layer)
+    return {"head_mask": new_heads.cpu(), "ffn_mask": new_ffn.cpu()}
+
+
+def restore_stage(stage_dir: Path, model, masks, banks) -> None:
+    """Weights, masks and banks as they were at the end of a finished stage."""
+    state = load_file(str(stage_dir / "model" / "model.safetensors"))
+    model.load_state_dict(state)
+    masks.load_state_dict(load_file(str(stage_dir / "masks.safetensors")))
+    load_banks(banks, stage_dir / "selected")

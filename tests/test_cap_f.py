@@ -1,0 +1,80 @@
+"""CAP-f end to end on a tiny model and a slice of SST-2: stages, banks, metrics per sparsity, resume."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import composed, tiny_overrides
+
+from cap.errors import UserError
+from cap.recipes import run
+
+
+def cap_f_overrides(model_dir, teacher_dir, *extra):
+    return [*tiny_overrides(model_dir, "sst2"), "method=cap_f", f"teacher.path={teacher_dir}",
+            "prune.sequence=[0.25,0.5,0.75]", "contrast.extra_examples=8", *extra]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_model_dir, data_dir):
+    out = tmp_path_factory.mktemp("teacher")
+    run(composed(tiny_overrides(tiny_model_dir, "sst2")), out)
+    return out / "model"
+
+
+def test_cap_f_three_steps(tiny_model_dir, teacher_dir, tmp_path):
+    rows = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), tmp_path)
+    assert [r["sparsity"] for r in rows] == [0.25, 0.5, 0.75]
+    # 2 layers x 4 heads, 2 x 64 neurons: int(8 p) heads and int(128 p) neurons masked after each step
+    assert [r["sparsity_heads"] for r in rows] == [2 / 8, 4 / 8, 6 / 8]
+    assert [r["sparsity_ffn_neurons"] for r in rows] == [32 / 128, 64 / 128, 96 / 128]
+    assert all("accuracy" in r and r["split"] == "validation" for r in rows)
+    masks = load_file(str(tmp_path / "stages" / "0.75" / "masks.safetensors"))
+    assert (masks["head_mask"].sum(1) >= 1).all()  # never a layer without heads
+    snc = load_file(str(tmp_path / "stages" / "0.75" / "selected" / "snc.safetensors"))
+    assert snc["vectors"].shape[:2] == (16, 2)  # snapshots after 25 % and 50 %: the current level is never in SnC
+    prc = load_file(str(tmp_path / "stages" / "0.25" / "selected" / "prc.safetensors"))["vectors"]
+    assert torch.equal(prc, load_file(str(tmp_path / "stages" / "0.75" / "selected" / "prc.safetensors"))["vectors"])
+
+
+def test_cap_f_resumes_a_killed_stage(tiny_model_dir, teacher_dir, tmp_path):
+    full = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), tmp_path / "full")
+    run_dir = tmp_path / "killed"
+    run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), run_dir)
+    # as if killed during the last step's retraining: its selection is saved, its results are not
+    last = run_dir / "stages" / "0.75"
+    for name in ("DONE", "masks.safetensors"):
+        (last / name).unlink()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps(metrics[:-1]))
+    resumed = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), run_dir)
+    assert [r["sparsity"] for r in resumed] == [0.25, 0.5, 0.75]
+    assert torch.equal(load_file(str(last / "masks.safetensors"))["head_mask"],
+                       load_file(str(tmp_path / "full" / "stages" / "0.75" / "masks.safetensors"))["head_mask"])
+    assert resumed[-1]["sparsity_heads"] == full[-1]["sparsity_heads"]
+
+
+@pytest.mark.parametrize("sequence", ["[0.5,0.3]", "[0.2,1.0]", "[-0.1]"])
+def test_impossible_sequences_are_refused(tiny_model_dir, teacher_dir, tmp_path, sequence):
+    with pytest.raises(UserError, match="prune.sequence"):
+        run(composed(cap_f_overrides(tiny_model_dir, teacher_dir, f"prune.sequence={sequence}")), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_plain_pruning_baseline_builds_no_bank(tiny_model_dir, teacher_dir, tmp_path):
+    rows = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir, "contrast.enabled=false",
+                                        "prune.sequence=[0.5]")), tmp_path)
+    assert rows[0]["sparsity_heads"] == 0.5
+    assert not (tmp_path / "banks").exists()
+
+
+def test_without_teacher_path_a_teacher_is_fine_tuned_once_and_cached(tiny_model_dir, tmp_path, capsys):
+    overrides = [*tiny_overrides(tiny_model_dir, "sst2"), "method=cap_f", "prune.sequence=[0.5]",
+                 "contrast.extra_examples=8", f"teacher.cache_dir={tmp_path / 'teachers'}"]
+    run(composed(overrides), tmp_path / "a")
+    assert "fine-tuning a teacher" in capsys.readouterr().out
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    assert (teacher / "model" / "config.json").exists()
+    run(composed(overrides), tmp_path / "b")
+    assert "fine-tuning a teacher" not in capsys.readouterr().out
