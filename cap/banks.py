@@ -71,3 +71,36 @@ def _gather_shards(local: torch.Tensor, shard: int, n: int) -> torch.Tensor:
 def encode_into(bank: RepresentationBank, model, dataset, collator, **kwargs) -> None:
     """Encode `dataset` with `model` and append the result to `bank` as its next snapshot."""
     bank.append(encode_vectors(model, dataset, collator, **kwargs).to(bank.storage.device))
+
+
+BANK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_banks(cfg, n_items: int, dim: int, labels, n_snapshots: int) -> dict[str, RepresentationBank]:
+    """The banks enabled by `cfg.contrast`, in the loss order PrC, FiC, SnC (spec §2.7); SnC has room for
+    `n_snapshots`. Empty when `contrast.enabled=false` (the plain pruning baselines)."""
+    from cap.errors import UserError
+
+    c = cfg.contrast
+    if not c.enabled:
+        return {}
+    if cfg.bank.dtype not in BANK_DTYPES:
+        raise UserError(f"bank.dtype={cfg.bank.dtype}: use one of {', '.join(BANK_DTYPES)}")
+    sizes = {"prc": int(c.prc), "fic": int(c.fic), "snc": n_snapshots if c.snc else 0}
+    return {name: RepresentationBank(n_items, dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device,
+                                     labels=labels)
+            for name, reps in sizes.items() if reps > 0}
+
+
+def save_banks(banks: dict[str, RepresentationBank], folder) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, bank in banks.items():
+        bank.save(folder / f"{name}.safetensors")
+
+
+def load_banks(banks: dict[str, RepresentationBank], folder) -> None:
+    """Fill `banks` in place from `folder` (the storage is kept: no reallocation)."""
+    for name, bank in banks.items():
+        saved = RepresentationBank.load(folder / f"{name}.safetensors", dtype=bank.storage.dtype)
+        bank.storage[:, : saved.n_reps].copy_(saved.view())
+        bank.n_reps = saved.n_reps

@@ -2,6 +2,7 @@
 cap.contrastive, the banks in cap.banks, the pruning in cap.pruning."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +34,15 @@ class Contrast:
 
 
 class CAPTrainer(Trainer):
-    """`loss = ce·CE + kd·KD + Σ_{bank in PrC, FiC, SnC} contrastive(bank)`; every term is logged as `loss_<name>`.
+    """`loss = ce·CE + kd·KD + Σ_{bank in PrC, FiC, SnC} contrastive(bank) (+ reg)`; each term logged as `loss_<name>`.
 
     `banks` maps a name (prc, fic, snc) to a RepresentationBank; the ones holding no snapshot yet are skipped.
     Contrastive terms are computed in training only (evaluation batches carry no contrastive term)."""
 
     def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
                  banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
-                 generator: torch.Generator | None = None, **kwargs):
+                 generator: torch.Generator | None = None,
+                 regularizer: Callable[[], torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = weights
         self.teacher = teacher
@@ -48,6 +50,7 @@ class CAPTrainer(Trainer):
             raise ValueError("kd.weight > 0 needs a teacher: set teacher.path=<fine-tuned checkpoint>")
         if teacher is not None:
             self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.regularizer = regularizer  # returns the weighted term, e.g. CAP-soft's λ_t · R_L1
         self.banks = banks or {}
         self.contrast = contrast or Contrast()
         self.tap = RepresentationTap(self.model, self.contrast.pooling) if self.banks else None
@@ -81,6 +84,8 @@ class CAPTrainer(Trainer):
                 terms["kd"] = kd_loss(outputs.logits, teacher_out.logits, t)
         if (model.training if contrast is None else contrast) and idx is not None and self.banks:
             terms.update(self.contrastive_terms(idx, inputs["attention_mask"], targets.get("labels")))
+        if model.training and self.regularizer is not None:
+            terms["reg"] = self.regularizer()
         return terms, outputs
 
     def release(self) -> None:
@@ -107,7 +112,7 @@ class CAPTrainer(Trainer):
         return terms
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        # CE and KD carry their config weights; contrastive terms come weighted from contrastive_loss
+        # CE and KD carry their config weights; contrastive and regulariser terms come weighted
         return sum(getattr(self.weights, name, 1.0) * value for name, value in terms.items())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -14,36 +14,15 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from cap import tracking
-from cap.banks import encode_into
-from cap.contrastive import RepresentationBank
+from cap.banks import build_banks, encode_into, load_banks, save_banks
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import append_metrics, last_complete_checkpoint, read_json, write_json_atomic
 from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
-from cap.recipes.common import ensure_teacher, loss_weights, metric_rows, prepare, training_arguments
-from cap.trainer import CAPTrainer, Contrast
-
-BANK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def build_banks(cfg: DictConfig, n_items: int, dim: int, labels, n_stages: int) -> dict[str, RepresentationBank]:
-    """The enabled banks, in the loss order PrC, FiC, SnC (spec §2.7). SnC holds one snapshot per earlier stage."""
-    c = cfg.contrast
-    if not c.enabled:
-        return {}
-    if cfg.bank.dtype not in BANK_DTYPES:
-        raise UserError(f"bank.dtype={cfg.bank.dtype}: use one of {', '.join(BANK_DTYPES)}")
-    sizes = {"prc": 1 if c.prc else 0, "fic": 1 if c.fic else 0, "snc": n_stages - 1 if c.snc else 0}
-    return {name: RepresentationBank(n_items, dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device,
-                                     labels=labels)
-            for name, reps in sizes.items() if reps > 0}
-
-
-def contrast_settings(cfg: DictConfig) -> Contrast:
-    c = cfg.contrast
-    return Contrast(temperature=c.temperature, unsup_weight=c.unsup_weight, sup_weight=c.sup_weight,
-                    extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling)
+from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
+                                process_rank, training_arguments)
+from cap.trainer import CAPTrainer
 
 
 def check_sequence(sequence) -> list[float]:
@@ -52,19 +31,6 @@ def check_sequence(sequence) -> list[float]:
         raise UserError(f"prune.sequence={seq}: use increasing sparsities strictly between 0 and 1, "
                         "e.g. prune.sequence=[0.1,0.2,0.3]")
     return seq
-
-
-def save_banks(banks, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, bank in banks.items():
-        bank.save(folder / f"{name}.safetensors")
-
-
-def load_banks(banks, folder: Path) -> None:
-    for name, bank in banks.items():
-        saved = RepresentationBank.load(folder / f"{name}.safetensors", dtype=bank.storage.dtype)
-        bank.storage[:, : saved.n_reps].copy_(saved.view())
-        bank.n_reps = saved.n_reps
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
@@ -77,11 +43,11 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     targets = pruning_targets(n_layers * n_heads, n_layers * n_neurons, sequence)
     masks = StructuredMasks.from_model(model).apply(model)
     labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
-    banks = build_banks(cfg, len(data.train), model.config.hidden_size, labels, len(sequence))
+    banks = build_banks(cfg, len(data.train), model.config.hidden_size, labels, len(sequence) - 1)
     encode = dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size,
                   precision=cfg.trainer.precision)
     report_to = tracking.start(cfg, run_dir)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + 1000 * process_rank())  # extras differ per rank (Q4)
     device = training_arguments(cfg, run_dir, []).device
     model.to(device)
     bank_dir = run_dir / "banks"

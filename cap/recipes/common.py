@@ -12,7 +12,7 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 from cap.data import TaskData, get_task, load_task_data
 from cap.errors import UserError
 from cap.models import build_model, load_teacher, load_tokenizer
-from cap.trainer import LossWeights
+from cap.trainer import Contrast, LossWeights
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -57,6 +57,18 @@ def loss_weights(cfg: DictConfig) -> LossWeights:
     return LossWeights(ce=cfg.ce.weight, kd=cfg.kd.weight, kd_temperature=cfg.kd.temperature)
 
 
+def contrast_settings(cfg: DictConfig) -> Contrast:
+    c = cfg.contrast
+    return Contrast(temperature=c.temperature, unsup_weight=c.unsup_weight, sup_weight=c.sup_weight,
+                    extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling)
+
+
+def process_rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) -> TrainingArguments:
     t = cfg.trainer
     save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}
@@ -91,13 +103,6 @@ def metric_rows(results: dict[str, dict[str, float]], **fields) -> list[dict]:
     return [{**fields, "split": split, **metrics} for split, metrics in results.items()]
 
 
-def training_settings(cfg: DictConfig) -> dict:
-    """The config keys that change what a fine-tuned teacher learns (its cache key)."""
-    keys = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": cfg.seed,
-            "data": OmegaConf.to_container(cfg.data, resolve=True), "epochs": cfg.teacher.epochs}
-    return keys
-
-
 def ensure_teacher(cfg: DictConfig) -> str:
     """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
     if cfg.teacher.path:
@@ -107,7 +112,10 @@ def ensure_teacher(cfg: DictConfig) -> str:
 
     from cap.recipes import finetune
 
-    key = hashlib.sha1(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    # the cache key: everything that changes what the teacher learns
+    settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": cfg.seed, "epochs": cfg.teacher.epochs,
+                "lr": cfg.teacher.lr, "data": OmegaConf.to_container(cfg.data, resolve=True)}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     teacher_dir = Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}"
     teacher_cfg = OmegaConf.merge(cfg, {
         "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
