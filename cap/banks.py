@@ -104,3 +104,15 @@ def load_banks(banks: dict[str, RepresentationBank], folder) -> None:
         saved = RepresentationBank.load(folder / f"{name}.safetensors", dtype=bank.storage.dtype)
         bank.storage[:, : saved.n_reps].copy_(saved.view())
         bank.n_reps = saved.n_reps
+
+
+def load_or_encode(name: str, banks: dict[str, RepresentationBank], folder, model, dataset, collator, **kwargs):
+    """Give `banks[name]` one snapshot of `model`: loaded from `folder` if an earlier attempt saved it, else
+    encoded now and saved (the FiC bank of a resumed run is not encoded twice)."""
+    if name not in banks:
+        return
+    if (folder / f"{name}.safetensors").exists():
+        load_banks({name: banks[name]}, folder)
+    else:
+        encode_into(banks[name], model, dataset, collator, desc=f"{name} bank", **kwargs)
+        save_banks({name: banks[name]}, folder)

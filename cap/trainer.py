@@ -41,7 +41,7 @@ class CAPTrainer(Trainer):
 
     def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
                  banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
-                 generator: torch.Generator | None = None,
+                 draw_seed: int = 0,
                  regularizer: Callable[[], torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = weights
@@ -54,7 +54,11 @@ class CAPTrainer(Trainer):
         self.banks = banks or {}
         self.contrast = contrast or Contrast()
         self.tap = RepresentationTap(self.model, self.contrast.pooling) if self.banks else None
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(self.args.seed)
+        # extras are drawn from a generator reseeded from (draw_seed, step) at every update, so a resumed run draws
+        # what an uninterrupted one would; recipes give each rank its own draw_seed (spec Q4)
+        self.draw_seed = draw_seed
+        self.generator = torch.Generator().manual_seed(draw_seed)
+        self._seeded_step = -1
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
 
@@ -97,6 +101,9 @@ class CAPTrainer(Trainer):
     def contrastive_terms(self, idx, attention_mask, labels) -> dict[str, torch.Tensor]:
         rep = self.tap.representation(attention_mask)
         c = self.contrast
+        if self.model.training and self.state.global_step != self._seeded_step:
+            self._seeded_step = self.state.global_step
+            self.generator.manual_seed(self.draw_seed * 1_000_003 + self._seeded_step)
         # the supervised term needs class ids: none for QA and regression (spec §6)
         use_labels = labels is not None and not labels.is_floating_point()
         terms = {}

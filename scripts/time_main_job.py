@@ -28,6 +28,8 @@ def main() -> None:
         "command": "python -m cap " + " ".join(ARGS),
         "wall_seconds": round(wall, 1),
         "metrics": json.loads((run_dir / "metrics.json").read_text()),
+        "teacher_metrics": [row for path in (run_dir / "teachers").glob("*/metrics.json")
+                            for row in json.loads(path.read_text())],
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available()},

@@ -1,17 +1,19 @@
 """Recipes: the end-to-end procedures (fine-tune; CAP-f, CAP-m, CAP-soft), one module each."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from cap.errors import UserError
 
+RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
+
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    from cap.recipes import cap_f, finetune
-
-    recipes = {"finetune": finetune.run, "cap_f": cap_f.run}
-    if cfg.method.name not in recipes:
-        raise UserError(f"unknown method '{cfg.method.name}': choose one of {', '.join(recipes)}")
-    return recipes[cfg.method.name](cfg, Path(run_dir))
+    """Run the recipe of `cfg.method.name` in `run_dir`; returns the metrics.json rows."""
+    if cfg.method.name not in RECIPES:
+        raise UserError(f"unknown method '{cfg.method.name}': choose one of {', '.join(RECIPES)}")
+    recipe = importlib.import_module(f"cap.recipes.{RECIPES[cfg.method.name]}")
+    return recipe.run(cfg, Path(run_dir))

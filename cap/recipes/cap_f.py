@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from cap import tracking
-from cap.banks import build_banks, encode_into, load_banks, save_banks
+from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save_banks
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import append_metrics, last_complete_checkpoint, read_json, write_json_atomic
@@ -47,16 +47,11 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     encode = dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size,
                   precision=cfg.trainer.precision)
     report_to = tracking.start(cfg, run_dir)
-    generator = torch.Generator().manual_seed(cfg.seed + 1000 * process_rank())  # extras differ per rank (Q4)
+    draw_seed = cfg.seed + 1000 * process_rank()  # extras differ per rank (Q4)
+    generator = torch.Generator().manual_seed(cfg.seed)  # importance subsets: the same on every rank
     device = training_arguments(cfg, run_dir, []).device
     model.to(device)
-    bank_dir = run_dir / "banks"
-    if "fic" in banks:
-        if (bank_dir / "fic.safetensors").exists():
-            load_banks({"fic": banks["fic"]}, bank_dir)
-        else:
-            encode_into(banks["fic"], setup.teacher.to(device), data.train, setup.collator, desc="FiC bank", **encode)
-            save_banks({"fic": banks["fic"]}, bank_dir)
+    load_or_encode("fic", banks, run_dir / "banks", setup.teacher.to(device), data.train, setup.collator, **encode)
 
     rows = []
     for step, (sparsity, (n_head_target, n_neuron_target)) in enumerate(zip(sequence, targets)):
@@ -69,7 +64,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         args.num_train_epochs = cfg.prune.retrain_epochs
         trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
                              processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
-                             banks=banks, contrast=contrast_settings(cfg), generator=generator)
+                             banks=banks, contrast=contrast_settings(cfg), draw_seed=draw_seed)
         selected = stage_dir / "selected"
         if (selected / "masks.safetensors").exists():
             masks.load_state_dict(load_file(str(selected / "masks.safetensors")))
