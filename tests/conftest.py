@@ -48,3 +48,14 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     BertModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(str(minilm_path)).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def sst2_teacher_dir(tmp_path_factory, tiny_model_dir, data_dir) -> Path:
+    """A tiny teacher fine-tuned for two steps on an SST-2 slice (KD and the FiC bank of the pruning tests)."""
+    from cap.recipes import run
+    from helpers import composed, tiny_overrides
+
+    out = tmp_path_factory.mktemp("teacher")
+    run(composed(tiny_overrides(tiny_model_dir, "sst2")), out)
+    return out / "model"

@@ -5,26 +5,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import composed, tiny_overrides
+from helpers import composed, tiny_overrides
 
 from cap.errors import UserError
 from cap.recipes import run
 
 
-def cap_f_overrides(model_dir, teacher_dir, *extra):
-    return [*tiny_overrides(model_dir, "sst2"), "method=cap_f", f"teacher.path={teacher_dir}",
+def cap_f_overrides(model_dir, sst2_teacher_dir, *extra):
+    return [*tiny_overrides(model_dir, "sst2"), "method=cap_f", f"teacher.path={sst2_teacher_dir}",
             "prune.sequence=[0.25,0.5,0.75]", "contrast.extra_examples=8", *extra]
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, tiny_model_dir, data_dir):
-    out = tmp_path_factory.mktemp("teacher")
-    run(composed(tiny_overrides(tiny_model_dir, "sst2")), out)
-    return out / "model"
-
-
-def test_cap_f_three_steps(tiny_model_dir, teacher_dir, tmp_path):
-    rows = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), tmp_path)
+def test_cap_f_three_steps(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    rows = run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir)), tmp_path)
     assert [r["sparsity"] for r in rows] == [0.25, 0.5, 0.75]
     # 2 layers x 4 heads, 2 x 64 neurons: int(8 p) heads and int(128 p) neurons masked after each step
     assert [r["sparsity_heads"] for r in rows] == [2 / 8, 4 / 8, 6 / 8]
@@ -38,17 +31,17 @@ def test_cap_f_three_steps(tiny_model_dir, teacher_dir, tmp_path):
     assert torch.equal(prc, load_file(str(tmp_path / "stages" / "0.75" / "selected" / "prc.safetensors"))["vectors"])
 
 
-def test_cap_f_resumes_a_killed_stage(tiny_model_dir, teacher_dir, tmp_path):
-    full = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), tmp_path / "full")
+def test_cap_f_resumes_a_killed_stage(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    full = run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir)), tmp_path / "full")
     run_dir = tmp_path / "killed"
-    run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), run_dir)
+    run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir)), run_dir)
     # as if killed during the last step's retraining: its selection is saved, its results are not
     last = run_dir / "stages" / "0.75"
     for name in ("DONE", "masks.safetensors"):
         (last / name).unlink()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "metrics.json").write_text(json.dumps(metrics[:-1]))
-    resumed = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir)), run_dir)
+    resumed = run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir)), run_dir)
     assert [r["sparsity"] for r in resumed] == [0.25, 0.5, 0.75]
     assert torch.equal(load_file(str(last / "masks.safetensors"))["head_mask"],
                        load_file(str(tmp_path / "full" / "stages" / "0.75" / "masks.safetensors"))["head_mask"])
@@ -56,14 +49,14 @@ def test_cap_f_resumes_a_killed_stage(tiny_model_dir, teacher_dir, tmp_path):
 
 
 @pytest.mark.parametrize("sequence", ["[0.5,0.3]", "[0.2,1.0]", "[-0.1]"])
-def test_impossible_sequences_are_refused(tiny_model_dir, teacher_dir, tmp_path, sequence):
+def test_impossible_sequences_are_refused(tiny_model_dir, sst2_teacher_dir, tmp_path, sequence):
     with pytest.raises(UserError, match="prune.sequence"):
-        run(composed(cap_f_overrides(tiny_model_dir, teacher_dir, f"prune.sequence={sequence}")), tmp_path)
+        run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, f"prune.sequence={sequence}")), tmp_path)
     assert not list(tmp_path.iterdir())
 
 
-def test_plain_pruning_baseline_builds_no_bank(tiny_model_dir, teacher_dir, tmp_path):
-    rows = run(composed(cap_f_overrides(tiny_model_dir, teacher_dir, "contrast.enabled=false",
+def test_plain_pruning_baseline_builds_no_bank(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    rows = run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "contrast.enabled=false",
                                         "prune.sequence=[0.5]")), tmp_path)
     assert rows[0]["sparsity_heads"] == 0.5
     assert not (tmp_path / "banks").exists()

@@ -8,36 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from cap.errors import UserError
 from cap.io import last_complete_checkpoint
 from cap.recipes import run
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import OFFLINE_EVAL, REPO, composed, tiny_overrides
+
 TASKS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "squad"]
-# offline, MNLI and QQP have only a held-out split (see ../shared/data/README.md)
-OFFLINE_EVAL = {"mnli": "heldout", "qqp": "heldout"}
 METRICS = {
     "cola": {"matthews_correlation"}, "sst2": {"accuracy"}, "mrpc": {"accuracy", "f1"}, "qqp": {"accuracy", "f1"},
     "stsb": {"pearson", "spearmanr"}, "mnli": {"accuracy"}, "qnli": {"accuracy"}, "rte": {"accuracy"},
     "wnli": {"accuracy"}, "squad": {"exact_match", "f1"},
 }
-
-
-def tiny_overrides(model_dir, task):
-    overrides = [f"task={task}", f"model.name_or_path={model_dir}", "data.max_train_samples=16",
-                 "data.max_eval_samples=12", "trainer.max_steps=2", "trainer.batch_size=8", "trainer.logging_steps=1"]
-    if task in OFFLINE_EVAL:
-        overrides.append(f"data.eval_split={OFFLINE_EVAL[task]}")
-    if task == "squad":
-        overrides += ["data.max_seq_length=128", "data.doc_stride=32"]
-    return overrides
-
-
-def composed(overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def cli(*args, timeout=300, **kwargs):

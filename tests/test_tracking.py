@@ -5,7 +5,7 @@ from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
 
-from test_cli import composed, tiny_overrides
+from helpers import composed, tiny_overrides
 
 from cap.recipes import run
 
