@@ -71,3 +71,20 @@ def test_without_teacher_path_a_teacher_is_fine_tuned_once_and_cached(tiny_model
     assert (teacher / "model" / "config.json").exists()
     run(composed(overrides), tmp_path / "b")
     assert "fine-tuning a teacher" not in capsys.readouterr().out
+
+
+def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from cap.export import load_pruned, main
+    from cap.pruning import StructuredMasks
+
+    run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "prune.sequence=[0.5]")), tmp_path)
+    stage = tmp_path / "stages" / "0.5"
+    masked = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
+    StructuredMasks(**load_file(str(stage / "masks.safetensors"))).apply(masked)
+    small = load_pruned(main([str(tmp_path), "--stage", "0.5"]))
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (small(input_ids=ids).logits - masked(input_ids=ids).logits).abs().max() <= 1e-4
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())

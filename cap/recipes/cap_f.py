@@ -90,6 +90,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         stage_rows = metric_rows(results, stage=step, method="cap_f", sparsity=sparsity, step=trainer.state.global_step,
                                  **{f"sparsity_{k}": round(v, 6) for k, v in masks.sparsity().items()})
         model.save_pretrained(stage_dir / "model")
+        setup.tokenizer.save_pretrained(stage_dir / "model")
         save_file(masks.state_dict(), str(stage_dir / "masks.safetensors"))
         append_metrics(run_dir, stage_rows)
         write_json_atomic(stage_dir / "DONE", {"rows": stage_rows})
