@@ -40,8 +40,9 @@ def encode_vectors(model, dataset, collator, *, pooling: str = "cls", batch_size
     shard = -(-n // world)
     rows = range(rank * shard, min(n, (rank + 1) * shard))
     columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
+    # its own generator: encoding must not move the global RNG, or a resumed run would shuffle differently
     loader = DataLoader(dataset.select(rows).select_columns(columns), batch_size=batch_size, shuffle=False,
-                        collate_fn=collator)
+                        collate_fn=collator, generator=torch.Generator())
     device = next(model.parameters()).device
     was_training = model.training
     model.train(train_mode)

@@ -1,0 +1,182 @@
+"""Movement pruning (spec §5.2-5.4): learnable scores S on the encoder matrices, W_eff = M(S) ⊙ W with
+straight-through gradients to S, Top-K (CAP-m) or threshold (CAP-soft) masks, the cubic level schedule, the L1
+regulariser, and a λ controller that lands CAP-soft on a target sparsity (beyond the original).
+
+Scores are attached with torch.nn.utils.parametrize: the Hugging Face classes stay unmodified."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from cap.pruning.structured import encoder_layers
+
+PRUNED_MODULES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                  "intermediate.dense", "output.dense")
+SOFT_FLOOR = 0.005  # CAP-soft keeps at least 0.5 % of every matrix (spec Q17)
+
+
+class _TopK(torch.autograd.Function):
+    """1 for the int(keep·numel) largest scores of the matrix; straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: float) -> Tensor:
+        mask = torch.zeros_like(scores)
+        k = int(keep * scores.numel())
+        if k > 0:
+            mask.view(-1)[torch.topk(scores.flatten(), k, sorted=False).indices] = 1
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Threshold(torch.autograd.Function):
+    """1 where sigmoid(S) > τ; at least int(0.005·numel)+1 entries (the largest scores); straight-through."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, threshold: float) -> Tensor:
+        mask = (torch.sigmoid(scores) > threshold).to(scores.dtype)
+        floor = int(SOFT_FLOOR * scores.numel()) + 1
+        if mask.sum() < floor:
+            mask.zero_().view(-1)[torch.topk(scores.flatten(), floor, sorted=False).indices] = 1
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def topk_mask(scores: Tensor, keep_fraction: float) -> Tensor:
+    return _TopK.apply(scores, keep_fraction)
+
+
+def threshold_mask(scores: Tensor, threshold: float) -> Tensor:
+    return _Threshold.apply(scores, threshold)
+
+
+class MaskedWeight(nn.Module):
+    """The parametrization W -> M(S) ⊙ W of one matrix; S [out, in] is this module's parameter."""
+
+    def __init__(self, shape, state: "MovementScores", init: float):
+        super().__init__()
+        self.scores = nn.Parameter(torch.full(shape, float(init)))
+        self._state = [state]  # a list: not registered as a submodule
+
+    def forward(self, weight: Tensor) -> Tensor:
+        state = self._state[0]
+        binarize = topk_mask if state.criterion == "topk" else threshold_mask
+        return weight * binarize(self.scores, state.level).to(weight.dtype)
+
+
+def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The six matrices of every encoder layer that movement pruning masks (spec §5.2)."""
+    found = []
+    for i, layer in enumerate(encoder_layers(model)):
+        for name in PRUNED_MODULES:
+            module = layer.get_submodule(name)
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"layer {i} has no Linear at {name}: movement pruning needs BERT-style layers")
+            found.append((f"layer.{i}.{name}", module))
+    return found
+
+
+class MovementScores:
+    """Scores on all prunable matrices of `model` and the current level (keep fraction ρ or threshold τ)."""
+
+    def __init__(self, model: nn.Module, criterion: str, init: float = 0.0):
+        if criterion not in ("topk", "soft"):
+            raise ValueError(f"criterion={criterion!r}: use topk or soft")
+        self.model, self.criterion = model, criterion
+        self.level = 1.0 if criterion == "topk" else 0.0
+        self.linears = prunable_linears(model)
+        for _, linear in self.linears:
+            parametrize.register_parametrization(linear, "weight", MaskedWeight(linear.weight.shape, self, init))
+
+    @classmethod
+    def attach(cls, model: nn.Module, criterion: str, *, init: float = 0.0) -> "MovementScores":
+        return cls(model, criterion, init)
+
+    def set_level(self, value: float) -> None:
+        self.level = float(value)
+
+    def _weights(self):
+        return [(name, linear.parametrizations.weight) for name, linear in self.linears]
+
+    def score_parameters(self) -> list[nn.Parameter]:
+        return [p[0].scores for _, p in self._weights()]
+
+    @torch.no_grad()
+    def masks(self) -> dict[str, Tensor]:
+        binarize = topk_mask if self.criterion == "topk" else threshold_mask
+        return {name: binarize(p[0].scores, self.level).bool() for name, p in self._weights()}
+
+    def regularization(self) -> Tensor:
+        """R_L1 = mean over matrices of Σ sigmoid(S) / numel (spec §5.3)."""
+        scores = self.score_parameters()
+        return sum(torch.sigmoid(s).mean() for s in scores) / len(scores)
+
+    def sparsity(self) -> dict[str, float]:
+        """`entries`: fraction of the prunable matrices' entries masked; `encoder_params`: fraction of all encoder
+        parameters (biases and LayerNorms count as kept) that are masked (spec Q13)."""
+        masked = sum(int((~m).sum()) for m in self.masks().values())
+        entries = sum(p[0].scores.numel() for _, p in self._weights())
+        encoder = sum(p.numel() for n, p in self.model.base_model.encoder.named_parameters() if "scores" not in n)
+        return {"entries": masked / entries, "encoder_params": masked / encoder}
+
+    def fold(self) -> None:
+        """Replace every parametrization by the plain weight M ⊙ W at the current level: a stock model with zeros."""
+        for _, linear in self.linears:
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+
+    def state_dict(self) -> dict:
+        return {"level": self.level, "scores": [s.detach().clone() for s in self.score_parameters()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.level = state["level"]
+        with torch.no_grad():
+            for mine, saved in zip(self.score_parameters(), state["scores"]):
+                mine.copy_(saved)
+
+
+def threshold_schedule(step: int, *, total_steps: int, warmup_steps: int, initial: float, final: float,
+                       initial_warmup: float, final_warmup: float) -> float:
+    """The cubic level schedule of spec §5.4; `step` = optimizer updates done before this batch."""
+    W, T = warmup_steps, total_steps
+    if step <= initial_warmup * W:
+        return initial
+    if step > T - final_warmup * W:
+        return final
+    progress = (step - initial_warmup * W) / (T - (initial_warmup + final_warmup) * W)
+    return final + (initial - final) * (1 - progress) ** 3
+
+
+def lambda_schedule(threshold: float, *, final_lambda: float, final: float) -> float:
+    """λ_t = final_lambda · τ_t / τ_final (spec §5.3): 0 while τ is 0, final_lambda at the end."""
+    return final_lambda * threshold / final if final else 0.0
+
+
+class LambdaController:
+    """Steers CAP-soft's λ so that the run ends at `target` sparsity (beyond the original, which needs a hand-tuned
+    λ per task and sparsity). The reference trajectory is target · progress, where progress is the threshold
+    schedule's fraction done (0 -> 1); λ is multiplied by exp(gain · error) at every update, error being the
+    reference minus the measured sparsity, so λ grows while the run is behind and shrinks once it overshoots."""
+
+    def __init__(self, target: float, initial_lambda: float, gain: float = 2.0, min_lambda: float = 1e-3,
+                 max_lambda: float = 1e5):
+        self.target, self.gain, self.min_lambda, self.max_lambda = target, gain, min_lambda, max_lambda
+        self.lam = max(float(initial_lambda), min_lambda)
+
+    def update(self, measured: float, progress: float) -> float:
+        error = self.target * min(max(progress, 0.0), 1.0) - measured
+        self.lam = min(max(self.lam * math.exp(self.gain * error), self.min_lambda), self.max_lambda)
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = state["lam"]

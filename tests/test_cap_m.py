@@ -1,0 +1,75 @@
+"""CAP-m and CAP-soft end to end on a tiny model and a slice of SST-2: epochs, banks, sparsity, exports, resume."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import composed, tiny_overrides
+
+from cap.errors import UserError
+from cap.recipes import run
+from cap.sparse import load_sparse
+
+EPOCHS = 3
+
+
+def movement_overrides(model_dir, sst2_teacher_dir, method="cap_m", *extra):
+    overrides = [*tiny_overrides(model_dir, "sst2"), f"method={method}", f"teacher.path={sst2_teacher_dir}",
+                 "trainer.max_steps=-1", f"trainer.epochs={EPOCHS}", "data.max_train_samples=32",
+                 "trainer.warmup=1", "prune.initial_warmup=1", "prune.final_warmup=1", "contrast.extra_examples=8"]
+    return [*overrides, *extra]
+
+
+def test_cap_m_prunes_to_the_final_keep_fraction(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    rows = run(composed(movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", "prune.final=0.1")), tmp_path)
+    assert [r["stage"] for r in rows] == [1, 2, 3]  # one evaluation per epoch, at the final level
+    assert all(abs(r["sparsity_entries"] - 0.9) < 0.01 for r in rows)
+    snc = load_file(str(tmp_path / "banks" / "snc.safetensors"))["vectors"]
+    assert snc.shape[:2] == (32, EPOCHS - 1)  # snapshots at the start of epochs 1 and 2
+    dense = load_file(str(tmp_path / "model" / "model.safetensors"))
+    query = dense["bert.encoder.layer.0.attention.self.query.weight"]
+    assert (query == 0).float().mean().item() == pytest.approx(0.9, abs=0.01)
+    compact = load_sparse(tmp_path / "sparse")
+    for name, tensor in compact.state_dict().items():
+        if name in dense:
+            assert torch.equal(tensor, dense[name]), name
+
+
+def test_cap_soft_logs_lambda_and_the_sparsity(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    # scores start at 0 (sigmoid 0.5): a large score lr lets a 12-update run cross the 0.1 threshold
+    rows = run(composed(movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.final_lambda=50",
+                                           "prune.score_lr=0.5")),
+               tmp_path)
+    assert len(rows) == EPOCHS and 0 < rows[-1]["sparsity_entries"] < 1
+
+
+def test_movement_resumes_with_the_same_masks(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    import shutil
+
+    overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", "prune.final=0.3",
+                                   "trainer.save_total_limit=null")
+    full = tmp_path / "full"
+    run(composed(overrides), full)
+    # the state a kill after the first epoch leaves: its checkpoint, its banks, its metrics row
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    first, *later = sorted((killed / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for folder in [*later, killed / "model", killed / "sparse"]:
+        shutil.rmtree(folder)
+    rows = json.loads((killed / "metrics.json").read_text())
+    (killed / "metrics.json").write_text(json.dumps([r for r in rows if r["stage"] == 1]))
+    resumed = run(composed(overrides), killed)
+    assert [r["stage"] for r in resumed] == [1, 2, 3]
+    full_weights = load_file(str(full / "model" / "model.safetensors"))
+    resumed_weights = load_file(str(killed / "model" / "model.safetensors"))
+    for name, tensor in full_weights.items():
+        if ".encoder." in name and tensor.dim() == 2:
+            assert torch.equal(tensor == 0, resumed_weights[name] == 0), name
+
+
+@pytest.mark.parametrize("override", ["prune.final=1.5", "prune.final=0", "prune.criterion=magnitude"])
+def test_impossible_levels_are_refused(tiny_model_dir, sst2_teacher_dir, tmp_path, override):
+    with pytest.raises(UserError):
+        run(composed(movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", override)), tmp_path)
+

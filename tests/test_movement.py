@@ -1,0 +1,98 @@
+"""Movement pruning components: binarizers, scores on a stock model, the cubic schedule, λ, the controller."""
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from cap.pruning.movement import (LambdaController, MovementScores, lambda_schedule, threshold_mask,
+                                  threshold_schedule, topk_mask)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=64)).eval()
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.1, 0.03, 0.0])
+def test_topk_keeps_exactly_int_keep_numel(keep):
+    scores = torch.randint(0, 5, (37, 23)).float()  # many ties
+    assert int(topk_mask(scores, keep).sum()) == int(keep * scores.numel())
+
+
+def test_threshold_mask_and_its_floor():
+    scores = torch.tensor([[-3.0, 0.0], [3.0, -1.0]])
+    assert threshold_mask(scores, 0.3).tolist() == [[0.0, 1.0], [1.0, 0.0]]  # sigmoid: .05 .5 / .95 .27
+    low = torch.full((40, 50), -10.0)
+    low[3, 7] = -9.0
+    mask = threshold_mask(low, 0.1)
+    assert int(mask.sum()) == int(0.005 * 2000) + 1 and mask[3, 7] == 1  # the 0.5 % floor keeps the top scores
+
+
+def test_scores_get_straight_through_gradients():
+    model = tiny()
+    scores = MovementScores.attach(model, "topk")
+    scores.set_level(0.5)
+    linear = model.bert.encoder.layer[0].attention.self.query
+    out = model(input_ids=torch.randint(5, 100, (2, 6))).logits.sum()
+    out.backward()
+    s = linear.parametrizations.weight[0].scores
+    w = linear.parametrizations.weight.original
+    # ∂L/∂S = ∂L/∂W_eff ⊙ W, and ∂L/∂W = ∂L/∂W_eff ⊙ M  ->  on kept entries ∂L/∂S = ∂L/∂W ⊙ W
+    mask = topk_mask(s.detach(), 0.5).bool()
+    assert s.grad.abs().sum() > 0
+    assert torch.allclose(s.grad[mask], (w.grad * w.detach())[mask], atol=1e-6)
+
+
+def test_dense_level_leaves_outputs_unchanged_and_fold_gives_a_stock_model():
+    model, reference = tiny(), tiny()
+    ids = torch.randint(5, 100, (2, 7))
+    scores = MovementScores.attach(model, "topk")
+    assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with torch.no_grad():
+        for p in scores.score_parameters():
+            p.normal_()
+    scores.set_level(0.3)
+    masked = model(input_ids=ids).logits
+    masks = scores.masks()
+    scores.fold()
+    assert not any("parametrizations" in k for k in model.state_dict())
+    assert torch.allclose(model(input_ids=ids).logits, masked)
+    query = model.bert.encoder.layer[1].attention.self.query.weight
+    assert torch.equal(query == 0, ~masks["layer.1.attention.self.query"])
+    assert scores.sparsity is not None and abs((query == 0).float().mean().item() - 0.7) < 0.01
+
+
+def test_regularization_and_sparsity_on_known_scores():
+    model = tiny()
+    scores = MovementScores.attach(model, "soft", init=0.0)
+    assert scores.regularization().item() == pytest.approx(0.5)  # sigmoid(0) everywhere
+    scores.set_level(0.6)  # everything below the threshold: only the 0.5 % floor survives
+    sparsity = scores.sparsity()
+    assert 0.99 < sparsity["entries"] < 1 and sparsity["encoder_params"] < sparsity["entries"]
+
+
+def test_schedule_matches_the_worked_qqp_table():
+    # spec §5.4: QQP, batch 32, 11,371 steps/epoch, T = 113,710, W = 11000, iw = 2, fw = 3, keep 1 -> 0.03
+    expected = [1.000, 0.964, 0.515, 0.240, 0.095, 0.039, 0.030, 0.030, 0.030]
+    got = [threshold_schedule((e + 1) * 11371, total_steps=113710, warmup_steps=11000, initial=1.0, final=0.03,
+                              initial_warmup=2, final_warmup=3) for e in range(9)]
+    assert [round(v, 3) for v in got] == expected
+
+
+def test_lambda_ramps_with_the_threshold():
+    assert lambda_schedule(0.0, final_lambda=190, final=0.1) == 0
+    assert lambda_schedule(0.05, final_lambda=190, final=0.1) == pytest.approx(95)
+    assert lambda_schedule(0.1, final_lambda=190, final=0.1) == pytest.approx(190)
+
+
+def test_controller_raises_lambda_when_behind_and_lowers_it_when_ahead():
+    c = LambdaController(target=0.9, initial_lambda=100)
+    assert c.update(measured=0.2, progress=1.0) > 100
+    c = LambdaController(target=0.5, initial_lambda=100)
+    assert c.update(measured=0.9, progress=1.0) < 100
+    state = c.state_dict()
+    other = LambdaController(target=0.5, initial_lambda=1)
+    other.load_state_dict(state)
+    assert other.lam == c.lam
