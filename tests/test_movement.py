@@ -1,5 +1,4 @@
 """Movement pruning components: binarizers, scores on a stock model, the cubic schedule, λ, the controller."""
-import math
 
 import pytest
 import torch
