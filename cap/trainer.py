@@ -41,8 +41,8 @@ class CAPTrainer(Trainer):
 
     def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
                  banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
-                 draw_seed: int = 0,
-                 regularizer: Callable[[], torch.Tensor] | None = None, **kwargs):
+                 draw_seed: int = 0, regularizer: Callable[[], torch.Tensor] | None = None,
+                 log_extras: Callable[[], dict[str, float]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = weights
         self.teacher = teacher
@@ -51,6 +51,7 @@ class CAPTrainer(Trainer):
         if teacher is not None:
             self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.regularizer = regularizer  # returns the weighted term, e.g. CAP-soft's λ_t · R_L1
+        self.log_extras = log_extras  # values logged with every training loss, e.g. the pruning level and λ
         self.banks = banks or {}
         self.contrast = contrast or Contrast()
         self.tap = RepresentationTap(self.model, self.contrast.pooling) if self.banks else None
@@ -137,4 +138,6 @@ class CAPTrainer(Trainer):
             logs.update({f"loss_{k}": round(v.item() / self._term_count, 6) for k, v in self._term_sums.items()})
             self._term_sums.clear()
             self._term_count = 0
+        if "loss" in logs and self.log_extras is not None:
+            logs.update(self.log_extras())
         super().log(logs, *args, **kwargs)

@@ -44,6 +44,19 @@ def test_cap_soft_logs_lambda_and_the_sparsity(tiny_model_dir, sst2_teacher_dir,
     assert len(rows) == EPOCHS and 0 < rows[-1]["sparsity_entries"] < 1
 
 
+def test_cap_soft_target_controller_logs_and_checkpoints_its_state(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.target_sparsity=0.6",
+                                   "prune.final_lambda=1", "prune.score_lr=0.1", "data.max_train_samples=64",
+                                   "trainer.batch_size=4", "trainer.warmup=4", "contrast.enabled=false")
+    rows = run(composed(overrides), tmp_path)
+    assert 0 < rows[-1]["sparsity_entries"] < 1
+    checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and all((c / "sparsity_controller.safetensors").is_file() for c in checkpoints)
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "prune_lambda" in e]
+    assert logged and any(e["prune_lambda"] > 0 for e in logged) and "sparsity_entries" in logged[-1]
+
+
 def test_movement_resumes_with_the_same_masks(tiny_model_dir, sst2_teacher_dir, tmp_path):
     import shutil
 

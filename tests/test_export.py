@@ -55,6 +55,7 @@ def test_cli_exports_a_stage_and_names_the_finished_ones(tmp_path, capsys):
     stage = tmp_path / "stages" / "0.5"
     model.save_pretrained(stage / "model")
     save_file({"head_mask": head_mask, "ffn_mask": ffn_mask}, str(stage / "masks.safetensors"))
+    (stage / "DONE").write_text('{"rows": []}')  # a finished stage
     out = main([str(tmp_path), "--stage", "0.50"])
     assert out == tmp_path / "export" / "0.5" and (out / "cap_export.json").exists()
     with pytest.raises(SystemExit, match="finished stages: 0.5"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from cap.pruning.movement import (LambdaController, MovementScores, lambda_schedule, threshold_mask,
+from cap.pruning.movement import (SparsityController, MovementScores, lambda_schedule, threshold_mask,
                                   threshold_schedule, topk_mask)
 
 
@@ -86,12 +86,23 @@ def test_lambda_ramps_with_the_threshold():
     assert lambda_schedule(0.1, final_lambda=190, final=0.1) == pytest.approx(190)
 
 
-def test_controller_raises_lambda_when_behind_and_lowers_it_when_ahead():
-    c = LambdaController(target=0.9, initial_lambda=100)
-    assert c.update(measured=0.2, progress=1.0) > 100
-    c = LambdaController(target=0.5, initial_lambda=100)
-    assert c.update(measured=0.9, progress=1.0) < 100
-    state = c.state_dict()
-    other = LambdaController(target=0.5, initial_lambda=1)
-    other.load_state_dict(state)
-    assert other.lam == c.lam
+def test_controller_pushes_harder_when_the_scores_fall_too_slowly():
+    def steps(velocity):  # scores falling by `velocity` per update, 100 updates from the end, lr 0.01
+        c = SparsityController(target=0.5, initial_lambda=10, final_threshold=0.1, total_steps=200)
+        scores = [torch.linspace(-1, 1, 101)]
+        for step in range(100, 104):
+            lam = c.update([s + velocity * (step - 100) for s in scores], step, lr=0.01)
+        return c, lam
+
+    # the cut is logit(0.1) = -2.2: from the median 0 it takes 50 updates of travel (-0.044 per update)
+    assert steps(0.0)[1] > 10            # standing still: more λ
+    assert steps(-0.2)[1] < 10           # falling 5x too fast: less λ
+    c, _ = steps(-0.01)
+    other = SparsityController(target=0.5, initial_lambda=1, final_threshold=0.1, total_steps=200)
+    other.load_state_dict(c.state_dict())
+    assert (other.lam, other.quantile, other.velocity) == (c.lam, c.quantile, c.velocity)
+
+
+def test_controller_is_off_during_the_initial_warmup():
+    c = SparsityController(target=0.5, initial_lambda=10, final_threshold=0.1, total_steps=200)
+    assert c.update([torch.zeros(10)], 0, lr=0.01, active=False) == 0

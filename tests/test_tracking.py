@@ -1,13 +1,20 @@
-"""logger=wandb on a tiny job, offline: the metrics are read back from the run's own .wandb file."""
+"""logger=wandb on a tiny job, offline: the metrics are read back from the run's own .wandb file; the W&B group and
+tags computed from the config."""
 import json
 import struct
+import time
 from pathlib import Path
 
+import pytest
+from google.protobuf.message import DecodeError
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2
 
 from helpers import composed, tiny_overrides
 
 from cap.recipes import run
+from cap.tracking import run_group, run_tags
 
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 BLOCK = 32768
@@ -30,6 +37,21 @@ def read_wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path, timeout: float = 30.0) -> list:
+    """The records once W&B's writer process has written the closing `exit` record: under load, `wandb.finish()`
+    can return while the file's tail is still being written."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            records = list(read_wandb_records(path))
+            if records and records[-1].WhichOneof("record_type") == "exit":
+                return records
+        except DecodeError:
+            pass
+        assert time.time() < deadline, f"{path} has no complete exit record after {timeout} s"
+        time.sleep(0.2)
+
+
 def test_wandb_offline_logs_config_terms_and_metrics(data_dir, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -37,7 +59,7 @@ def test_wandb_offline_logs_config_terms_and_metrics(data_dir, tiny_model_dir, t
     rows = run(cfg, tmp_path)
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     history, summary, config = [], {}, {}
-    for record in read_wandb_records(run_file):
+    for record in finished_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
@@ -47,9 +69,66 @@ def test_wandb_offline_logs_config_terms_and_metrics(data_dir, tiny_model_dir, t
             config.update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "run":
             config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
-            assert record.run.run_group == "g1" and list(record.run.tags) == ["x"]
+            assert record.run.run_group == "g1"
+            assert list(record.run.tags) == ["x", "task:mrpc", "method:finetune", "sparsity:0", "seed:42"]
     assert config["task"]["name"] == "mrpc" and config["trainer"]["max_steps"] == 2
     train_logs = [h for h in history if "train/loss" in h]
     assert train_logs and all("train/loss_ce" in h for h in train_logs)
     assert summary["validation/f1"] == rows[0]["f1"]
     assert summary["validation/accuracy"] == rows[0]["accuracy"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["experiment=paper/cap_m/qqp_90"],
+     ["task:qqp", "method:cap_m", "sparsity:0.9", "ablation:full", "seed:42"]),
+    (["experiment=paper/cap_m/mnli_97", "seed=3"],
+     ["task:mnli", "method:cap_m", "sparsity:0.97", "ablation:full", "seed:3"]),
+    (["experiment=paper/cap_f/sst2", "prune.sequence=[0.3,0.6]"],
+     ["task:sst2", "method:cap_f", "sparsity:0.6", "ablation:full", "seed:42"]),
+    (["experiment=paper/cap_soft/qqp_97"],
+     ["task:qqp", "method:cap_soft", "tau:0.1", "lambda:550", "ablation:full", "seed:42"]),
+    (["experiment=paper/cap_soft/squad_50"],
+     ["task:squad", "method:cap_soft", "sparsity:0.5", "ablation:full", "seed:42"]),
+    (["task=rte"], ["task:rte", "method:finetune", "sparsity:0", "seed:42"]),
+])
+def test_run_tags_name_task_method_sparsity_ablation_seed(overrides, expected):
+    assert run_tags(composed(overrides)) == expected
+
+
+@pytest.mark.parametrize("overrides, ablation", [
+    (["contrast.enabled=false"], ["baseline"]),
+    (["contrast.enabled=false", "kd.weight=0"], ["baseline", "-KD"]),
+    (["contrast.prc=false"], ["-PrC"]),
+    (["contrast.snc=false", "contrast.fic=false"], ["-SnC", "-FiC"]),
+    (["contrast.sup_weight=0"], ["-sup"]),
+    (["contrast.unsup_weight=0.0"], ["-unsup"]),
+    (["kd.weight=0"], ["-KD"]),
+    (["contrast.pooling=mean"], ["pool=mean"]),
+    (["contrast.normalization=per_anchor"], ["norm=per_anchor"]),
+    (["task=squad", "contrast.sup_weight=0"], ["full"]),  # no supervised term on SQuAD anyway
+])
+def test_ablation_tags(overrides, ablation):
+    tags = run_tags(composed(["method=cap_m", *overrides]))
+    assert [t.split(":", 1)[1] for t in tags if t.startswith("ablation:")] == ablation
+
+
+def test_user_tags_are_kept_before_the_computed_ones(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs))
+    from cap import tracking
+
+    tracking.start(composed(["method=cap_m", "logger=wandb", "logger.tags=[mine,seed:42]"]), tmp_path)
+    assert seen["tags"] == ["mine", "seed:42", "task:sst2", "method:cap_m", "sparsity:0.9", "ablation:full"]
+    assert seen["group"] is None
+
+
+def test_group_is_the_sweep_dir_in_a_multirun_unless_given():
+    hydra_cfg = OmegaConf.create({"mode": RunMode.MULTIRUN, "sweep": {"dir": "multiruns/qqp-ablations"}})
+    single = OmegaConf.create({"mode": RunMode.RUN, "sweep": {"dir": "multiruns/2024-01-01_00-00-00"}})
+    assert run_group(composed(["logger=wandb"]), hydra_cfg) == "qqp-ablations"
+    assert run_group(composed(["logger=wandb", "logger.group=mine"]), hydra_cfg) == "mine"
+    assert run_group(composed(["logger=wandb"]), single) is None
+    assert run_group(composed(["logger=wandb"])) is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,8 @@ from cap.data.common import (
     tokenizer_fingerprint, with_position_idx,
 )
 from cap.data.tasks import DataError, get_task
+
+log = logging.getLogger(__name__)
 
 JSON_SUFFIXES = (".json", ".json.gz")
 # split name -> local file stems, most specific first
@@ -39,7 +42,7 @@ def _fix_answer_start(context: str, text: str, start, qid: str, path: Path) -> i
         raise DataError(f"{path}: question id {qid!r} has an empty or non-text answer ({text!r})")
     if not isinstance(start, int) or isinstance(start, bool):
         raise DataError(f"{path}: question id {qid!r}: answer_start {start!r} is not an integer")
-    if context[start:start + len(text)] == text:
+    if start >= 0 and context[start:start + len(text)] == text:  # a negative start would slice from the end
         return start
     hits, pos = [], context.find(text)
     while pos != -1:
@@ -63,6 +66,7 @@ def parse_squad_json(text: str, path: Path) -> dict[str, list]:
         raise DataError(f"{path} is not a SQuAD file: expected {_LAYOUT}")
     cols: dict[str, list] = {"id": [], "title": [], "context": [], "question": [], "answers": []}
     seen: set[str] = set()
+    moved: list[str] = []  # ids of questions with an answer_start that missed its text
     for a_i, article in enumerate(doc["data"]):
         if not (isinstance(article, dict) and isinstance(article.get("paragraphs"), list)):
             raise DataError(f"{path} is not a SQuAD file: article {a_i} has no 'paragraphs' list; expected {_LAYOUT}")
@@ -87,6 +91,8 @@ def parse_squad_json(text: str, path: Path) -> dict[str, list]:
                         raise DataError(f"{path}: question id {qid!r} has an answer that is not an object")
                     texts.append(ans.get("text"))
                     starts.append(_fix_answer_start(context, ans.get("text"), ans.get("answer_start"), qid, path))
+                    if starts[-1] != ans.get("answer_start"):
+                        moved.append(qid)
                 cols["id"].append(qid)
                 cols["title"].append(title if isinstance(title, str) else str(title))
                 cols["context"].append(context)
@@ -94,6 +100,9 @@ def parse_squad_json(text: str, path: Path) -> dict[str, list]:
                 cols["answers"].append({"text": texts, "answer_start": starts})
     if not cols["id"]:
         raise DataError(f"{path} holds no questions; replace it with a good copy of the split")
+    if moved:
+        log.warning("%s: %d answer_start offsets do not point at their answer text (first: question id %r); each "
+                    "was moved to the nearest occurrence of the text in its context", path, len(moved), moved[0])
     return cols
 
 

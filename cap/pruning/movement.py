@@ -159,24 +159,58 @@ def lambda_schedule(threshold: float, *, final_lambda: float, final: float) -> f
     return final_lambda * threshold / final if final else 0.0
 
 
-class LambdaController:
+class SparsityController:
     """Steers CAP-soft's λ so that the run ends at `target` sparsity (beyond the original, which needs a hand-tuned
-    λ per task and sparsity). The reference trajectory is target · progress, where progress is the threshold
-    schedule's fraction done (0 -> 1); λ is multiplied by exp(gain · error) at every update, error being the
-    reference minus the measured sparsity, so λ grows while the run is behind and shrinks once it overshoots."""
+    λ per task and sparsity and lands wherever it lands).
 
-    def __init__(self, target: float, initial_lambda: float, gain: float = 2.0, min_lambda: float = 1e-3,
-                 max_lambda: float = 1e5):
-        self.target, self.gain, self.min_lambda, self.max_lambda = target, gain, min_lambda, max_lambda
-        self.lam = max(float(initial_lambda), min_lambda)
+    The run ends at the target when the target-quantile q of all scores sits at the cut logit(τ_final) (sigmoid(S) <
+    τ_final <=> S < cut). Feeding back the sparsity itself fails: scores start together at 0 and need many updates
+    to reach the cut, so λ winds up and the whole block crosses at once (bang-bang). Instead the controller steers
+    the velocity of q: it should cover the distance left to the cut in the travel left (the learning rate decays
+    linearly to 0, so the travel is half the updates left); log λ integrates the velocity error, measured in units
+    of the scores' learning rate. λ is 0 while `active` is false (the original's λ_t = λ·τ_t/τ_final is 0 there).
+    q is read on a fixed random sample of `sample` entries, so a step costs O(sample), not O(parameters)."""
 
-    def update(self, measured: float, progress: float) -> float:
-        error = self.target * min(max(progress, 0.0), 1.0) - measured
-        self.lam = min(max(self.lam * math.exp(self.gain * error), self.min_lambda), self.max_lambda)
+    def __init__(self, target: float, initial_lambda: float, final_threshold: float, total_steps: int,
+                 gain: float = 0.3, beta: float = 0.5, sample: int = 1 << 20, seed: int = 0):
+        self.target, self.total_steps, self.gain, self.beta = target, total_steps, gain, beta
+        self.cut = math.log(final_threshold / (1 - final_threshold))
+        self.log_lambda = math.log(max(float(initial_lambda), 1e-3))
+        self.sample, self.seed = sample, seed
+        self.quantile = self.velocity = None
+        self.lam = 0.0
+
+    def _quantile(self, scores: list[Tensor]) -> float:
+        flat = torch.cat([s.detach().flatten() for s in scores])
+        if flat.numel() > self.sample:
+            g = torch.Generator().manual_seed(self.seed)
+            flat = flat[torch.randint(flat.numel(), (self.sample,), generator=g)]
+        return float(torch.quantile(flat.float(), self.target)) if flat.numel() <= 1 << 24 else float(
+            flat.float().kthvalue(max(int(self.target * flat.numel()), 1)).values)
+
+    def update(self, scores: list[Tensor], step: int, lr: float, active: bool = True) -> float:
+        q = self._quantile(scores)
+        if self.quantile is not None:
+            move = q - self.quantile
+            self.velocity = move if self.velocity is None else self.beta * self.velocity + (1 - self.beta) * move
+        self.quantile = q
+        if not active:
+            self.lam = 0.0
+            return self.lam
+        travel = max((self.total_steps - step) / 2, 1.0)
+        wanted = (self.cut - q) / travel
+        error = ((self.velocity or 0.0) - wanted) / max(lr, 1e-12)  # > 0: q falls too slowly -> more λ
+        self.log_lambda += self.gain * max(min(error, 1.0), -1.0)
+        self.lam = math.exp(self.log_lambda)
         return self.lam
 
-    def state_dict(self) -> dict:
-        return {"lam": self.lam}
+    def state_dict(self) -> dict[str, Tensor]:
+        values = [self.log_lambda, self.lam, float("nan") if self.quantile is None else self.quantile,
+                  float("nan") if self.velocity is None else self.velocity]
+        return {"state": torch.tensor(values, dtype=torch.float64)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.lam = state["lam"]
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        log_lambda, lam, quantile, velocity = state["state"].tolist()
+        self.log_lambda, self.lam = log_lambda, lam
+        self.quantile = None if math.isnan(quantile) else quantile
+        self.velocity = None if math.isnan(velocity) else velocity

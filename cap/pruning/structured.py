@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -180,6 +181,8 @@ def compute_importance(model: nn.Module, masks: StructuredMasks, batches: Iterab
     Runs in eval mode. Parameters are frozen for the pass (no weight gradients are computed, the cheap way to
     discard them after each batch) and every flag is restored afterwards. `loss_fn(model, batch)` returns the
     scalar loss the caller chooses (CAP-f: the full training loss). `desc` shows a tqdm bar.
+    Under torch.distributed give each rank its own share of the batches: the sums are all-reduced, so every rank
+    returns the importance of all batches and selects the same units.
     Returns (head importance [L, A], FFN importance [L, F]), float32 on the masks' device.
     """
     was_training, was_applied, was_tracking = model.training, masks.is_applied, masks.head_mask.requires_grad
@@ -211,6 +214,9 @@ def compute_importance(model: nn.Module, masks: StructuredMasks, batches: Iterab
         if not was_applied:
             masks.remove()
         model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        for importance in (head_importance, ffn_importance):
+            dist.all_reduce(importance)
     return head_importance.float(), ffn_importance.float()
 
 

@@ -3,7 +3,8 @@
 For each target sparsity: importance with the current loss -> choose the new heads/neurons -> encode the current
 model (old masks) into PrC (first step) or SnC -> apply the masks -> retrain with a fresh optimizer -> evaluate ->
 save the stage. A killed run resumes at the stage it was in: the selection (masks, banks) is saved before
-retraining, and retraining resumes from its last complete checkpoint."""
+retraining, and retraining resumes from its last complete checkpoint; a saved file found damaged is reported and
+the step that wrote it done again."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from cap import tracking
-from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save_banks
+from cap.banks import build_banks, encode_into, load_banks, load_or_encode, rank_and_world, save_banks
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
-from cap.io import append_metrics, last_complete_checkpoint, read_json, write_json_atomic
+from cap.io import (CrashPoints, append_metrics, crash_point, first_problem, last_complete_checkpoint, publish_dir,
+                    read_json, save_tensors_atomic, write_json_atomic)
 from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
@@ -48,57 +50,77 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
                   precision=cfg.trainer.precision)
     report_to = tracking.start(cfg, run_dir)
     draw_seed = cfg.seed + 1000 * process_rank()  # extras differ per rank (Q4)
-    generator = torch.Generator().manual_seed(cfg.seed)  # importance subsets: the same on every rank
-    device = training_arguments(cfg, run_dir, []).device
+    device = training_arguments(cfg, run_dir, []).device  # also joins the process group under torchrun/accelerate
+    main_process = process_rank() == 0  # only rank 0 writes files; every rank holds the same masks and banks
     model.to(device)
     load_or_encode("fic", banks, run_dir / "banks", setup.teacher.to(device), data.train, setup.collator, **encode)
 
     rows = []
     for step, (sparsity, (n_head_target, n_neuron_target)) in enumerate(zip(sequence, targets)):
         stage_dir = run_dir / "stages" / f"{sparsity:g}"
-        if (stage_dir / "DONE").exists():
-            restore_stage(stage_dir, model, masks, banks)
-            rows = read_json(run_dir / "metrics.json", [])
-            continue
+        # every rank sees the same files: rank 0 writes this stage's after collectives (importance, training)
+        # that no rank reaches before these checks
+        if cfg.trainer.resume and (stage_dir / "DONE").exists():
+            problem = first_problem([stage_dir / "DONE", stage_dir / "masks.safetensors",
+                                     stage_dir / "model" / "model.safetensors", *selection_files(stage_dir, banks)])
+            if problem is None:
+                restore_stage(stage_dir, model, masks, banks)
+                rows += read_json(stage_dir / "DONE")["rows"]
+                continue
+            print(f"{problem}: redoing stage {sparsity:g}")
         args = training_arguments(cfg, stage_dir / "checkpoints", report_to)
         args.num_train_epochs = cfg.prune.retrain_epochs
         trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
                              processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
-                             banks=banks, contrast=contrast_settings(cfg), draw_seed=draw_seed)
+                             banks=banks, contrast=contrast_settings(cfg), draw_seed=draw_seed,
+                             callbacks=[CrashPoints()])
         selected = stage_dir / "selected"
-        if (selected / "masks.safetensors").exists():
+        resumable = cfg.trainer.resume and selected.exists()
+        problem = first_problem(selection_files(stage_dir, banks)) if resumable else None
+        if problem:
+            print(f"{problem}: choosing the heads and neurons of stage {sparsity:g} again")
+        if resumable and not problem:
             masks.load_state_dict(load_file(str(selected / "masks.safetensors")))
             load_banks(banks, selected)
         else:
             # importance uses the banks as they were after the previous step: none at the first (spec §4)
-            new = choose_units(cfg, trainer, model, masks, data.train, setup.collator, generator,
-                               n_head_target, n_neuron_target, contrast=step > 0)
+            # subsets seeded per step: the same on every rank, and a resumed run draws what an uninterrupted one did;
+            # a forked RNG: a resumed stage loads its selection, and must then train as if it had made it
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                new = choose_units(cfg, trainer, model, masks, data.train, setup.collator,
+                                   torch.Generator().manual_seed(cfg.seed + step), n_head_target, n_neuron_target,
+                                   contrast=step > 0)
+            crash_point("importance_done")
             # the current model, before the new masks, becomes PrC (first step) or the next SnC snapshot (§4)
             name = "prc" if step == 0 else "snc"
             if name in banks:
                 encode_into(banks[name], model, data.train, setup.collator, desc=f"{name} bank",
                             train_mode=False, **encode)
             masks.load_state_dict(new)
-            tmp = stage_dir / "selected.tmp"
-            save_banks(banks, tmp)
-            save_file(masks.state_dict(), str(tmp / "masks.safetensors"))
-            tmp.replace(selected)
+            if main_process:
+                tmp = stage_dir / "selected.tmp"
+                save_banks(banks, tmp)
+                save_file(masks.state_dict(), str(tmp / "masks.safetensors"))
+                publish_dir(tmp, selected)
+            crash_point("selected_saved")
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(stage_dir / "checkpoints")
                       if cfg.trainer.resume else None)
-        results = evaluate_task(trainer, data, out_dir=stage_dir)
+        results = evaluate_task(trainer, data, out_dir=stage_dir if main_process else None)  # QA predictions
         trainer.release()
         stage_rows = metric_rows(results, stage=step, method="cap_f", sparsity=sparsity, step=trainer.state.global_step,
                                  **{f"sparsity_{k}": round(v, 6) for k, v in masks.sparsity().items()})
-        model.save_pretrained(stage_dir / "model")
-        setup.tokenizer.save_pretrained(stage_dir / "model")
-        save_file(masks.state_dict(), str(stage_dir / "masks.safetensors"))
-        append_metrics(run_dir, stage_rows)
-        write_json_atomic(stage_dir / "DONE", {"rows": stage_rows})
+        if main_process:
+            model.save_pretrained(stage_dir / "model")
+            setup.tokenizer.save_pretrained(stage_dir / "model")
+            save_tensors_atomic(masks.state_dict(), stage_dir / "masks.safetensors")
+            append_metrics(run_dir, stage_rows)
+            crash_point("stage_saved")
+            write_json_atomic(stage_dir / "DONE", {"rows": stage_rows})
+            print(f"sparsity {sparsity:g}: " + ", ".join(f"{r['split']} " + " ".join(
+                f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float) and not k.startswith("sparsity"))
+                for r in stage_rows))
         rows += stage_rows
         trainer.log({f"{r['split']}/{k}": v for r in stage_rows for k, v in r.items() if isinstance(v, float)})
-        print(f"sparsity {sparsity:g}: " + ", ".join(f"{r['split']} " + " ".join(
-            f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float) and not k.startswith("sparsity"))
-            for r in stage_rows))
     tracking.finish()
     return rows
 
@@ -106,11 +128,16 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
 def choose_units(cfg, trainer, model, masks, train, collator, generator, n_head_target, n_neuron_target, contrast):
     """New masks: first-order importance with the full current loss (eval mode), normalised per layer (§5.1)."""
     p = cfg.prune
-    rows = range(len(train))
+    rows = list(range(len(train)))
     if p.importance_fraction < 1:
         keep = torch.randperm(len(train), generator=generator)[: max(1, int(p.importance_fraction * len(train)))]
         rows = sorted(keep.tolist())
-    loader = DataLoader(train.select(rows), batch_size=p.importance_batch_size, shuffle=False, collate_fn=collator)
+    # rank r of w takes batches r, r+w, ...; compute_importance sums over the batches of all ranks, so the
+    # importance is that of one process passing every batch
+    rank, world = rank_and_world()
+    size = p.importance_batch_size
+    shares = [rows[i:i + size] for i in range(0, len(rows), size)][rank::world]
+    loader = DataLoader(train, batch_sampler=shares, collate_fn=collator)
     device = next(model.parameters()).device
     batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
 
@@ -118,7 +145,7 @@ def choose_units(cfg, trainer, model, masks, train, collator, generator, n_head_
         terms, _ = trainer.loss_terms(model, batch, contrast=contrast)
         return trainer.weighted(terms)
 
-    head_imp, ffn_imp = compute_importance(model, masks, batches, loss_fn, desc="importance")
+    head_imp, ffn_imp = compute_importance(model, masks, batches, loss_fn, desc=None if rank else "importance")
     if p.normalize_by_layer:
         head_imp, ffn_imp = normalize_by_layer(head_imp), normalize_by_layer(ffn_imp)
     head_mask, ffn_mask = masks.head_mask, masks.ffn_mask
@@ -127,6 +154,11 @@ def choose_units(cfg, trainer, model, masks, train, collator, generator, n_head_
     new_ffn = select_neurons(ffn_imp, ffn_mask, n_neuron_target - int((ffn_mask == 0).sum()),
                              min_per_layer=p.min_ffn_per_layer)
     return {"head_mask": new_heads.cpu(), "ffn_mask": new_ffn.cpu()}
+
+
+def selection_files(stage_dir: Path, banks) -> list[Path]:
+    """What a stage's `selected/` holds: its masks and the banks as they were when they were chosen."""
+    return [stage_dir / "selected" / f"{name}.safetensors" for name in ("masks", *banks)]
 
 
 def restore_stage(stage_dir: Path, model, masks, banks) -> None:

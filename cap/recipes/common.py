@@ -14,8 +14,6 @@ from cap.errors import UserError
 from cap.models import build_model, load_teacher, load_tokenizer
 from cap.trainer import Contrast, LossWeights
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-
 
 @dataclass
 class Setup:
@@ -27,27 +25,30 @@ class Setup:
 
 
 def prepare(cfg: DictConfig, *, teacher_path: str | None = None) -> Setup:
-    """Load and check everything a run needs, before anything is trained or written."""
+    """Load and check everything a run needs, before anything is trained or written. Config values were checked
+    by `cap.checks.validate`; here the data (file and line of a bad row) and whether the teacher fits."""
     transformers.set_seed(cfg.seed)
     spec = get_task(cfg.task.name)
-    if cfg.trainer.precision not in PRECISIONS:
-        raise UserError(f"trainer.precision={cfg.trainer.precision}: use one of {', '.join(PRECISIONS)}")
-    if cfg.trainer.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("trainer.precision=fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     eval_split = cfg.data.eval_split
     data = load_task_data(
         spec.name, tokenizer, data_dir=cfg.data.dir, train_split=cfg.data.train_split,
         eval_splits=OmegaConf.to_object(eval_split) if OmegaConf.is_config(eval_split) else eval_split,
         max_seq_length=cfg.data.max_seq_length, max_train_samples=cfg.data.max_train_samples,
-        max_eval_samples=cfg.data.max_eval_samples, seed=cfg.seed, doc_stride=cfg.data.doc_stride,
+        max_eval_samples=cfg.data.max_eval_samples, seed=cfg.data.seed, doc_stride=cfg.data.doc_stride,
         max_query_length=cfg.data.max_query_length, cache_dir=cfg.data.cache_dir,
     )
     model = build_model(cfg.model.name_or_path, spec)
     teacher_path = teacher_path or cfg.teacher.path
     teacher = None
     if teacher_path:
-        teacher = load_teacher(teacher_path, spec)
+        teacher = load_teacher(teacher_path, spec, model)
+        fic = cfg.method.name != "finetune" and cfg.contrast.enabled and cfg.contrast.fic
+        if fic and teacher.config.hidden_size != model.config.hidden_size:
+            raise UserError(f"teacher.path={teacher_path} has hidden size {teacher.config.hidden_size}, the student "
+                            f"{model.config.hidden_size}: the FiC bank sets teacher vectors against the student's, "
+                            "so both need one width; use a teacher fine-tuned from model.name_or_path, or "
+                            "contrast.fic=false")
     elif cfg.kd.weight > 0:
         raise UserError("kd.weight > 0 needs teacher.path=<a checkpoint fine-tuned on this task>")
     return Setup(data, tokenizer, model, teacher, DataCollatorWithPadding(tokenizer))
@@ -91,6 +92,7 @@ def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) 
         seed=cfg.seed,
         dataloader_num_workers=t.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also what makes Accelerate set up gloo DDP and CPU bf16
         remove_unused_columns=False,  # keeps `idx`, which CAP's banks are indexed by
         report_to=report_to,
         disable_tqdm=False,
@@ -112,16 +114,17 @@ def ensure_teacher(cfg: DictConfig) -> str:
 
     from cap.recipes import finetune
 
-    # the cache key: everything that changes what the teacher learns
-    settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": cfg.seed, "epochs": cfg.teacher.epochs,
-                "lr": cfg.teacher.lr, "data": OmegaConf.to_container(cfg.data, resolve=True)}
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    teacher_dir = Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}"
     teacher_cfg = OmegaConf.merge(cfg, {
-        "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
+        "seed": cfg.teacher.seed, "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
         "contrast": {"enabled": False}, "trainer": {"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
                                                      "max_steps": -1, "resume": True},
     })
+    # the cache key: everything that changes what the teacher learns
+    settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": teacher_cfg.seed,
+                "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": teacher_cfg.trainer.batch_size,
+                "data": OmegaConf.to_container(teacher_cfg.data, resolve=True)}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    teacher_dir = Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}"
     if not (teacher_dir / "model" / finetune.DONE).exists():
         print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
         teacher_dir.mkdir(parents=True, exist_ok=True)

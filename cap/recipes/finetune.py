@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from cap import tracking
 from cap.evaluation import evaluate_task
-from cap.io import append_metrics, last_complete_checkpoint, publish_dir, read_json
+from cap.io import last_complete_checkpoint, publish_dir, read_json, write_json_atomic
 from cap.recipes.common import loss_weights, metric_rows, prepare, training_arguments
 from cap.trainer import CAPTrainer
 
@@ -33,8 +33,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
 
     results = evaluate_task(trainer, setup.data, out_dir=run_dir)
     rows = metric_rows(results, stage="final", method="finetune", sparsity=0.0, step=trainer.state.global_step)
-    (run_dir / "metrics.json").unlink(missing_ok=True)  # a resumed run rewrites its single final row
-    append_metrics(run_dir, rows)
+    write_json_atomic(run_dir / "metrics.json", rows)  # a resumed run rewrites its single final row
     for row in rows:
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     tracking.log_summary({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})

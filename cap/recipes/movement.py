@@ -8,22 +8,27 @@ saved beside them, so a killed run resumes."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from cap import tracking
 from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save_banks
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
-from cap.io import append_metrics, last_complete_checkpoint, publish_dir, read_json
-from cap.pruning.movement import LambdaController, MovementScores, lambda_schedule, threshold_schedule
+from cap.io import (CrashPoints, append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint,
+                    publish_dir, read_json)
+from cap.pruning.movement import MovementScores, SparsityController, lambda_schedule, threshold_schedule
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
                                 process_rank, training_arguments)
 from cap.sparse import save_sparse
 from cap.trainer import CAPTrainer
+
+CONTROLLER_FILE = "sparsity_controller.safetensors"
 
 
 def check_levels(p) -> None:
@@ -58,15 +63,22 @@ class MovementSchedule(TrainerCallback):
         p = self.cfg.prune
         if p.criterion == "soft":
             if self.controller is not None:
-                progress = (level - p.initial) / (p.final - p.initial) if p.final > p.initial else 1.0
-                self.lam = self.controller.update(self.scores.sparsity()["entries"], progress)
+                lr = kwargs["optimizer"].param_groups[-1]["lr"]  # the scores' group
+                self.lam = self.controller.update(self.scores.score_parameters(), state.global_step, lr,
+                                                  active=level > p.initial)
             else:
                 self.lam = lambda_schedule(level, final_lambda=p.final_lambda, final=p.final)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            logs.update(prune_level=self.scores.level, prune_lambda=self.lam,
-                        sparsity_entries=self.scores.sparsity()["entries"])
+    def log_values(self) -> dict[str, float]:
+        return {"prune_level": self.scores.level, "prune_lambda": self.lam,
+                "sparsity_entries": self.scores.sparsity()["entries"]}
+
+    def on_save(self, args, state, control, **kwargs):
+        # written after the Trainer's files: a checkpoint without it is incomplete (see CONTROLLER_FILE in run)
+        if self.controller is not None and process_rank() == 0:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_file(self.controller.state_dict(), str(folder / f".{CONTROLLER_FILE}"))
+            os.replace(folder / f".{CONTROLLER_FILE}", folder / CONTROLLER_FILE)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if not self.banks:
@@ -74,18 +86,23 @@ class MovementSchedule(TrainerCallback):
         epoch = round(state.epoch or 0)
         self.scores.set_level(self.level(max(state.global_step - 1, 0)))  # the last level used in training
         name = "prc" if epoch == 0 else "snc"
-        if (self.bank_dir / "prc.safetensors").exists() or (self.bank_dir / "snc.safetensors").exists():
-            load_banks({k: b for k, b in self.banks.items() if (self.bank_dir / f"{k}.safetensors").exists()},
-                       self.bank_dir)
+        load_banks({k: b for k, b in self.banks.items() if file_problem(self.bank_dir / f"{k}.safetensors") is None},
+                   self.bank_dir)
+        # saved banks may hold more than this epoch starts from (an attempt that got further, then was killed): keep
+        # PrC from epoch 1 on and one SnC snapshot per earlier epoch but the first; this epoch's is encoded again
+        for key, count in (("prc", int(epoch > 0)), ("snc", max(epoch - 1, 0))):
+            if key in self.banks:
+                self.banks[key].n_reps = min(self.banks[key].n_reps, count)
         if name not in self.banks:
             return
         bank = self.banks[name]
-        bank.n_reps = min(bank.n_reps, 0 if epoch == 0 else epoch - 1)  # a resumed epoch re-encodes its snapshot
         encode_into(bank, model, self.data.train, self.collator, pooling=self.cfg.contrast.pooling,
                     batch_size=self.cfg.trainer.eval_batch_size, precision=self.cfg.trainer.precision,
-                    train_mode=epoch > 0 and self.cfg.bank.snapshot_train_mode, desc=f"{name} bank")
+                    train_mode=epoch > 0 and self.cfg.bank.snapshot_train_mode, seed=self.cfg.seed + epoch,
+                    desc=f"{name} bank")
         if process_rank() == 0:
             save_banks({name: bank}, self.bank_dir)
+        crash_point("bank_encoded")
 
 
 class EpochEvaluation(TrainerCallback):
@@ -98,15 +115,15 @@ class EpochEvaluation(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         training_level = self.scores.level
         self.scores.set_level(self.cfg.prune.final)
-        results = evaluate_task(self.trainer, self.data, out_dir=self.run_dir)
+        results = evaluate_task(self.trainer, self.data, out_dir=self.run_dir if process_rank() == 0 else None)
         sparsity = self.scores.sparsity()
         rows = metric_rows(results, stage=round(state.epoch), method=self.method, step=state.global_step,
                            sparsity=round(sparsity["entries"], 6),
                            **{f"sparsity_{k}": round(v, 6) for k, v in sparsity.items()})
         self.scores.set_level(training_level)
         if process_rank() == 0:
-            done = {(r["stage"], r["split"]) for r in read_json(self.run_dir / "metrics.json", [])}
-            append_metrics(self.run_dir, [r for r in rows if (r["stage"], r["split"]) not in done])
+            append_metrics(self.run_dir, rows)  # replaces the rows of an epoch evaluated before a crash
+        crash_point("epoch_evaluated")
         self.trainer.log({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})
 
 
@@ -130,7 +147,19 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     warmup_steps = int(cfg.trainer.warmup * total_steps) if cfg.trainer.warmup < 1 else int(cfg.trainer.warmup)
     controller = None
     if p.target_sparsity is not None:
-        controller = LambdaController(target=p.target_sparsity, initial_lambda=p.final_lambda)
+        controller = SparsityController(p.target_sparsity, p.final_lambda, p.final, total_steps)
+    resume_from = None
+    if cfg.trainer.resume:
+        resume_from = last_complete_checkpoint(run_dir / "checkpoints",
+                                               required=(CONTROLLER_FILE,) if controller else ())
+        # a resumed epoch starts from the PrC/SnC snapshots saved beside the checkpoints: without them, start over
+        snapshots = {k: run_dir / "banks" / f"{k}.safetensors" for k in ("prc", "snc") if k in banks}
+        problem = resume_from and first_problem(path for k, path in snapshots.items() if k == "prc" or path.exists())
+        if problem:
+            print(f"{problem}: training starts over")
+            resume_from = None
+        if controller is not None and resume_from:
+            controller.load_state_dict(load_file(str(Path(resume_from) / CONTROLLER_FILE)))
     schedule = MovementSchedule(cfg, scores, banks, run_dir / "banks", data, setup.collator, total_steps,
                                 warmup_steps, controller)
     evaluation = EpochEvaluation(cfg, scores, data, run_dir, cfg.method.name)
@@ -144,13 +173,13 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
                          processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
                          banks=banks, contrast=contrast_settings(cfg), regularizer=regularizer,
+                         log_extras=schedule.log_values,
                          draw_seed=cfg.seed + 1000 * process_rank(),
-                         optimizers=(optimizer, None), callbacks=[schedule, evaluation])
+                         optimizers=(optimizer, None), callbacks=[schedule, evaluation, CrashPoints()])
     evaluation.trainer = trainer
     load_or_encode("fic", banks, run_dir / "banks", trainer.teacher, data.train, setup.collator,
                    pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision)
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir / "checkpoints")
-                  if cfg.trainer.resume else None)
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.release()
 
     # fold the scores into hard zeros at the final level: a stock model, saved dense and compact
@@ -161,6 +190,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         model.save_pretrained(tmp)
         setup.tokenizer.save_pretrained(tmp)
         publish_dir(tmp, model_dir)
+        crash_point("model_published")
         save_sparse(model, run_dir / "sparse.tmp", tokenizer=setup.tokenizer)
         publish_dir(run_dir / "sparse.tmp", run_dir / "sparse")
     tracking.finish()

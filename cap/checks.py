@@ -1,0 +1,57 @@
+"""Config checks that need neither data nor a model: `cap.recipes.run` calls `validate` before any recipe starts,
+so a value that cannot work fails at once with its key, not after a teacher was fine-tuned or midway through training.
+
+The checks of one recipe's own keys stay in that recipe, at the top of its `run`: `prune.sequence` and
+`prune.importance_fraction` in `cap_f`, the movement levels (`prune.final`, `prune.target_sparsity`) in `movement`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cap.data import get_task
+from cap.errors import UserError
+from cap.models import POOLINGS
+
+LOGGERS = ("none", "wandb")
+PRECISIONS = ("fp32", "bf16", "fp16")
+NORMALIZATIONS = ("original", "per_anchor")  # cap.contrastive.contrastive_loss
+
+
+def validate(cfg: DictConfig) -> None:
+    """UserError naming the first key whose value cannot work, and what to use instead."""
+    get_task(cfg.task.name)
+    _one_of(cfg, "trainer.precision", PRECISIONS)
+    if cfg.trainer.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("trainer.precision=fp16 needs a CUDA GPU: use bf16 or fp32 on the CPU")
+    _one_of(cfg, "logger.name", LOGGERS)
+    for key in ("data.max_seq_length", "trainer.batch_size", "trainer.eval_batch_size"):
+        _number(cfg, key, minimum=1, integer=True)
+    for key in ("ce.weight", "kd.weight", "contrast.unsup_weight", "contrast.sup_weight"):
+        _number(cfg, key, minimum=0)
+    for key in ("kd.temperature", "contrast.temperature"):
+        _number(cfg, key, minimum=0, strict=True)
+    _number(cfg, "contrast.extra_examples", minimum=0, integer=True,
+            meaning="extra bank items drawn per step; 0 draws none")
+    _one_of(cfg, "contrast.pooling", POOLINGS)
+    _one_of(cfg, "contrast.normalization", NORMALIZATIONS)
+
+
+def _one_of(cfg: DictConfig, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise UserError(f"{key}={value}: use one of {', '.join(choices)}")
+
+
+def _number(cfg: DictConfig, key: str, *, minimum: float, strict: bool = False, integer: bool = False,
+            meaning: str = "") -> None:
+    """`key` must be a number (an integer if `integer`) >= minimum (> minimum if `strict`)."""
+    value = OmegaConf.select(cfg, key)
+    is_number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    if is_number and math.isfinite(value) and (value > minimum or (value == minimum and not strict)):
+        return
+    kind = "an integer" if integer else "a number"
+    bound = f"> {minimum}" if strict else f">= {minimum}"
+    raise UserError(f"{key}={value}: use {kind} {bound}" + (f" ({meaning})" if meaning else ""))

@@ -1,0 +1,205 @@
+"""cap.report: fake run dirs aggregated over seeds, ablation labels, the paper join, the outputs; one real tiny run."""
+import csv
+import json
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from helpers import composed, tiny_overrides
+
+from cap.errors import UserError
+from cap.report import PAPER, ablation, collect_runs, join_paper, load_paper, main, plot, summarize
+
+
+def fake_run(path, task, method, seed, rows, hydra=True, **config):
+    """A run dir as the recipes and Hydra leave it: metrics.json rows and the run's config."""
+    cfg = OmegaConf.merge({"task": {"name": task}, "method": {"name": method}, "seed": seed,
+                           "model": {"name_or_path": "minilm"}}, config)
+    config_path = path / ".hydra" / "config.yaml" if hydra else path / "config.yaml"
+    config_path.parent.mkdir(parents=True)
+    OmegaConf.save(cfg, config_path)
+    (path / "metrics.json").write_text(json.dumps(rows))
+    return path
+
+
+def cap_f_rows(acc50, acc90):
+    return [{"stage": i, "method": "cap_f", "step": 10 * i, "sparsity": s, "split": "validation", "accuracy": a,
+             "sparsity_heads": s} for i, (s, a) in enumerate([(0.5, acc50), (0.9, acc90)], 1)]
+
+
+def cap_m_rows(final_acc, final_f1):
+    rows = [{"stage": epoch, "method": "cap_m", "step": 5 * epoch, "sparsity": 0.9004, "split": "heldout",
+             "accuracy": 0.5, "f1": 0.4, "sparsity_entries": 0.9004} for epoch in (1, 2)]
+    return rows + [{**rows[0], "stage": 3, "accuracy": final_acc, "f1": final_f1}]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (a50, a90) in zip((1, 2, 3), [(0.80, 0.70), (0.82, 0.74), (0.84, 0.72)]):
+        fake_run(root / f"sst2/cap_f/seed={seed}", "sst2", "cap_f", seed, cap_f_rows(a50, a90))
+    fake_run(root / "sst2/cap_f/noprc", "sst2", "cap_f", 1, cap_f_rows(0.78, 0.60), contrast={"prc": False})
+    for seed, (acc, f1) in zip((1, 2), [(0.90, 0.86), (0.92, 0.88)]):
+        fake_run(root / f"qqp/cap_m/seed={seed}", "qqp", "cap_m", seed, cap_m_rows(acc, f1), prune={"final": 0.1})
+    dense = [{"stage": "final", "method": "finetune", "step": 2, "sparsity": 0.0, "split": "validation",
+              "accuracy": 0.9}]
+    fake_run(root / "sst2/finetune", "sst2", "finetune", 1, dense, hydra=False)
+    (root / "teachers/sst2").mkdir(parents=True)  # a teacher cache: metrics without a config is no run
+    (root / "teachers/sst2/metrics.json").write_text(json.dumps(dense))
+    return root
+
+
+def by_key(rows, **key):
+    found = [r for r in rows if all(r[k] == v for k, v in key.items())]
+    assert len(found) == 1, (key, found)
+    return found[0]
+
+
+@pytest.mark.parametrize("method, overrides, label", [
+    ("cap_f", {}, "full"),
+    ("cap_f", {"contrast": {"enabled": False}}, "baseline"),
+    ("cap_m", {"contrast": {"prc": False, "snc": False}}, "-PrC,-SnC"),
+    ("cap_m", {"contrast": {"fic": False, "pooling": "mean"}}, "-FiC,pool=mean"),
+    ("cap_soft", {"contrast": {"sup_weight": 0.0}, "kd": {"weight": 0}}, "-sup,-KD"),
+    ("cap_f", {"contrast": {"unsup_weight": 0, "normalization": "per_anchor"}}, "-unsup,norm=per_anchor"),
+    ("cap_m", {"task": {"name": "squad"}, "contrast": {"sup_weight": 0}}, "full"),  # QA has no supervised term
+    ("finetune", {"contrast": {"enabled": False}, "kd": {"weight": 0.0}}, "full"),  # the dense run's own defaults
+])
+def test_ablation_labels_against_the_method_defaults(method, overrides, label):
+    assert ablation(OmegaConf.merge(composed([f"method={method}"]), overrides)) == label
+
+
+def test_seeds_are_averaged_per_sparsity_and_ablation(runs):
+    summary = summarize(collect_runs([runs, runs / "sst2"]))  # a run reached twice counts once
+    at50 = by_key(summary, method="cap_f", ablation="full", sparsity=0.5)
+    assert (at50["n"], at50["seeds"]) == (3, [1, 2, 3])
+    assert at50["mean"] == pytest.approx(82.0) and at50["std"] == pytest.approx(2.0)  # sample std of 80, 82, 84
+    assert by_key(summary, method="cap_f", ablation="full", sparsity=0.9)["mean"] == pytest.approx(72.0)
+    noprc = by_key(summary, method="cap_f", ablation="-PrC", sparsity=0.9)
+    assert noprc["n"] == 1 and noprc["std"] is None and noprc["mean"] == pytest.approx(60.0)
+    # CAP-m: the last epoch only, grouped at its target 1 - prune.final
+    acc = by_key(summary, method="cap_m", metric="accuracy")
+    assert (acc["sparsity"], acc["split"], acc["mean"]) == (0.9, "heldout", pytest.approx(91.0))
+    assert acc["std"] == pytest.approx(1.4142, abs=1e-3) and acc["sparsity_measured"] == pytest.approx(0.9004)
+    assert by_key(summary, method="cap_m", metric="f1")["mean"] == pytest.approx(87.0)
+    assert by_key(summary, method="finetune")["mean"] == pytest.approx(90.0)
+    assert len(summary) == 7  # no sparsity_* or step columns became metrics; the teacher cache is skipped
+
+
+def test_runs_of_another_model_are_not_averaged_in(runs):
+    fake_run(runs / "sst2/cap_f/bert", "sst2", "cap_f", 1, cap_f_rows(0.9, 0.8), model={"name_or_path": "/x/bert-base"})
+    summary = summarize(collect_runs([runs]))
+    assert by_key(summary, method="cap_f", ablation="full", sparsity=0.5, model="minilm")["mean"] == pytest.approx(82)
+    assert by_key(summary, method="cap_f", ablation="full", sparsity=0.5, model="bert-base")["n"] == 1
+
+
+def test_the_paper_join_gives_deltas_and_adds_sourced_cells(runs):
+    rows = join_paper(summarize(collect_runs([runs])), load_paper(PAPER))
+    acc = by_key(rows, method="cap_m", metric="accuracy", n=2)  # heldout is set beside the paper's dev number
+    assert (acc["paper"], acc["source"]) == (91.6, "issue1") and acc["delta"] == pytest.approx(91.0 - 91.6)
+    assert by_key(rows, method="cap_m", metric="f1", n=2)["delta"] == pytest.approx(87.0 - 87.7)
+    soft = by_key(rows, method="cap_soft", ablation="full", metric="f1")  # a paper cell with no run of ours
+    assert (soft["n"], soft["mean"], soft["paper"], soft["split"]) == (0, None, 87.4, "validation")
+    assert by_key(rows, method="cap_soft", ablation="baseline", sparsity=0.97, metric="accuracy")["paper"] == 89.1
+    assert by_key(rows, method="cap_f", ablation="full", sparsity=0.5)["paper"] is None  # not sourced: not filled
+    assert not [r for r in rows if r["task"] in ("mnli", "squad")]  # only the tasks we ran
+
+
+def test_markdown_csv_and_plots(runs, tmp_path):
+    out = main([str(runs), "--out", str(tmp_path / "report")])
+    table = (out / "table.md").read_text()
+    assert ("| qqp | cap_m | full | 0.9 | 0.900 | heldout | accuracy | minilm | 2 | 91.00 ± 1.41 | 91.6 | -0.60 | "
+            "[issue1](" in table)
+    assert "| sst2 | cap_f | full | 0.5 | 0.500 | validation | accuracy | minilm | 3 | 82.00 ± 2.00 |  |  |  |" \
+        in table
+    assert "| qqp | cap_soft | full | 0.9 |  | validation | f1 | bert-base-uncased | 0 |  | 87.4 |" in table
+    assert "heldout: held-out *train* rows" in table and "99.2 % of BERT-base" in table
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    row = by_key(rows, method="cap_f", ablation="-PrC", sparsity="0.5")
+    assert (row["n"], float(row["mean"]), row["std"], row["seeds"]) == ("1", pytest.approx(78.0), "", "1")
+    f1 = by_key(rows, method="cap_m", metric="f1", n="2")
+    assert (f1["delta"], f1["source"]) == ("-0.7", "https://github.com/RunxinXu/ContrastivePruning/issues/1")
+    for task in ("sst2", "qqp"):
+        assert (out / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "mnli.png").exists()
+
+
+def test_plot_marks_paper_only_points(tmp_path):
+    rows = [{"task": "qqp", "method": "cap_soft", "ablation": "baseline", "sparsity": 0.9, "split": "validation",
+             "metric": "accuracy", "model": "bert-base-uncased", "n": 0, "mean": None, "std": None, "paper": 90.2}]
+    assert plot(rows, "qqp", tmp_path / "qqp.png").stat().st_size > 1000
+
+
+def test_missing_runs_and_bad_paper_files_are_one_line_errors(runs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no finished run"):
+        collect_runs([tmp_path / "empty"])
+    with pytest.raises(UserError, match="no such directory"):
+        collect_runs([tmp_path / "nope"])
+    fake_run(tmp_path / "odd", "sst2", "magnitude", 1, cap_f_rows(0.8, 0.7))
+    with pytest.raises(UserError, match="method 'magnitude' has no conf/method/magnitude.yaml"):
+        collect_runs([tmp_path / "odd"])
+    (tmp_path / "odd/metrics.json").write_text('[{"stage": 1,')  # cut short
+    with pytest.raises(UserError, match="odd/metrics.json: not valid JSON"):
+        collect_runs([tmp_path / "odd"])
+    bad = tmp_path / "bad.yaml"
+    for doc, message in [({"cells": []}, "entries"),
+                         ({"entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9, "split": "validation",
+                                        "metric": "acc", "value": 91.6, "source": None}]}, "both be set"),
+                         ({"entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9, "split": "validation",
+                                        "metric": "accuracy", "value": None, "source": None}]}, "use one of acc"),
+                         ({"sources": {"s": {"url": "u"}},
+                           "entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9, "split": "validation",
+                                        "metric": "acc", "value": "91.6%", "source": "s"}]}, "a number"),
+                         ({"entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9}]}, "missing value")]:
+        bad.write_text(yaml.safe_dump(doc))
+        with pytest.raises(UserError, match=message):
+            main([str(runs), "--paper", str(bad), "--out", str(tmp_path / "out")])
+    bad.write_text("entries: [task: {")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_paper(bad)
+
+
+def test_the_committed_paper_numbers_are_sourced():
+    doc = yaml.safe_load(PAPER.read_text())
+    for e in doc["entries"] + doc["retention"]:
+        assert (e["value"] is None) == (e["source"] is None), e
+    paper = load_paper(PAPER)
+    cells = {(e["task"], e["method"], e["ablation"], e["sparsity"], e["metric"]): e["value"] for e in paper["entries"]}
+    assert cells[("qqp", "cap_m", "full", 0.9, "accuracy")] == 91.6
+    assert cells[("qqp", "cap_m", "full", 0.9, "f1")] == 87.7
+    assert cells[("qqp", "cap_soft", "full", 0.9, "accuracy")] == 90.7
+    assert cells[("qqp", "cap_soft", "full", 0.9, "f1")] == 87.4
+    # the full grid is there, unknown cells as null: 3 methods x 3 sparsities x 7 task metrics, plus CAP-f's steps
+    for method in ("cap_f", "cap_m", "cap_soft"):
+        for sparsity in (0.5, 0.9, 0.97):
+            assert ("squad", method, "full", sparsity, "exact_match") in cells
+            assert ("sst2", method, "full", sparsity, "accuracy") in cells
+    assert all(("mnli", "cap_f", "full", s, "accuracy") in cells for s in (0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8))
+    assert sum(e["value"] is not None for e in paper["entries"]) == 22
+    assert {(r["task"], r["value"]) for r in paper["retention"]} == {("qqp", 99.2), ("mnli", 96.3)}
+
+
+def test_wandb_offline_run(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = main([str(runs), "--out", str(tmp_path / "report"), "--wandb", "--group", "test"])
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_report_on_a_real_tiny_finetune(data_dir, tiny_model_dir, tmp_path):
+    from cap.recipes import run
+
+    cfg = composed([*tiny_overrides(tiny_model_dir, "sst2"), "method=finetune", "kd.weight=0"])
+    run_dir = tmp_path / "runs" / "finetune"
+    rows = run(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    out = main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    with open(out / "table.csv") as f:
+        row = by_key(list(csv.DictReader(f)), method="finetune")
+    assert (row["ablation"], row["split"], row["metric"], row["n"]) == ("full", "validation", "accuracy", "1")
+    assert float(row["mean"]) == pytest.approx(100 * rows[0]["accuracy"])
+    assert (out / "sst2.png").exists()
