@@ -106,3 +106,11 @@ def test_controller_pushes_harder_when_the_scores_fall_too_slowly():
 def test_controller_is_off_during_the_initial_warmup():
     c = SparsityController(target=0.5, initial_lambda=10, final_threshold=0.1, total_steps=200)
     assert c.update([torch.zeros(10)], 0, lr=0.01, active=False) == 0
+
+
+def test_controller_reads_the_quantile_on_a_fixed_sample():
+    scores = [torch.randn(200, 50, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    full = float(torch.cat([s.flatten() for s in scores]).quantile(0.7))
+    c = SparsityController(target=0.7, initial_lambda=1, final_threshold=0.1, total_steps=10, sample=3000)
+    assert abs(c._quantile(scores) - full) < 0.05 and c._quantile(scores) == c._quantile(scores)
+    assert sum(r.numel() for r in c._rows) == 3000

@@ -56,3 +56,18 @@ def test_loss_combines_weighted_terms_and_logs_each(tiny_model_dir, tmp_path):
 def test_kd_without_teacher_is_a_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         _trainer(tiny_model_dir, tmp_path, LossWeights(ce=0.1, kd=0.9))
+
+
+def test_teacher_cache_is_shared_across_seeds_only_when_pinned():
+    from helpers import composed
+
+    from cap.recipes.common import teacher_run
+
+    def folder(*overrides):
+        return teacher_run(composed(["method=cap_f", *overrides]))[0]
+
+    assert folder("seed=1") != folder("seed=2")  # by default the teacher and the subsample follow `seed`
+    pinned = ("teacher.seed=0", "data.seed=0", "data.max_train_samples=100")
+    assert folder("seed=1", *pinned) == folder("seed=2", *pinned)
+    assert folder("seed=1", *pinned) != folder("seed=1", *pinned, "teacher.lr=1e-4")
+    assert teacher_run(composed(["method=cap_f", "seed=3", "teacher.seed=0"]))[1].seed == 0

@@ -178,15 +178,18 @@ class SparsityController:
         self.log_lambda = math.log(max(float(initial_lambda), 1e-3))
         self.sample, self.seed = sample, seed
         self.quantile = self.velocity = None
+        self._rows: list[Tensor | None] | None = None
         self.lam = 0.0
 
     def _quantile(self, scores: list[Tensor]) -> float:
-        flat = torch.cat([s.detach().flatten() for s in scores])
-        if flat.numel() > self.sample:
+        if self._rows is None:  # the same entries every step: about `sample` of them, spread over the matrices
             g = torch.Generator().manual_seed(self.seed)
-            flat = flat[torch.randint(flat.numel(), (self.sample,), generator=g)]
-        return float(torch.quantile(flat.float(), self.target)) if flat.numel() <= 1 << 24 else float(
-            flat.float().kthvalue(max(int(self.target * flat.numel()), 1)).values)
+            total = sum(s.numel() for s in scores)
+            self._rows = [torch.randint(s.numel(), (max(1, s.numel() * self.sample // total),), generator=g)
+                          if total > self.sample else None for s in scores]
+        flat = torch.cat([s.detach().flatten() if rows is None else s.detach().flatten()[rows.to(s.device)]
+                          for s, rows in zip(scores, self._rows)])
+        return float(flat.float().kthvalue(max(int(self.target * flat.numel()), 1)).values)
 
     def update(self, scores: list[Tensor], step: int, lr: float, active: bool = True) -> float:
         q = self._quantile(scores)

@@ -105,26 +105,32 @@ def metric_rows(results: dict[str, dict[str, float]], **fields) -> list[dict]:
     return [{**fields, "split": split, **metrics} for split, metrics in results.items()]
 
 
-def ensure_teacher(cfg: DictConfig) -> str:
-    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
-    if cfg.teacher.path:
-        return cfg.teacher.path
+def teacher_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
+    """Where the teacher of `cfg` is cached, and the finetune config that trains it. The folder name is a hash of
+    everything that changes what the teacher learns, so runs that differ only in `seed` share one teacher when
+    `teacher.seed` and `data.seed` are pinned."""
     import hashlib
     import json
-
-    from cap.recipes import finetune
 
     teacher_cfg = OmegaConf.merge(cfg, {
         "seed": cfg.teacher.seed, "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
         "contrast": {"enabled": False}, "trainer": {"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
                                                      "max_steps": -1, "resume": True},
     })
-    # the cache key: everything that changes what the teacher learns
     settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": teacher_cfg.seed,
                 "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": teacher_cfg.trainer.batch_size,
                 "data": OmegaConf.to_container(teacher_cfg.data, resolve=True)}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    teacher_dir = Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}"
+    return Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}", teacher_cfg
+
+
+def ensure_teacher(cfg: DictConfig) -> str:
+    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
+    if cfg.teacher.path:
+        return cfg.teacher.path
+    from cap.recipes import finetune
+
+    teacher_dir, teacher_cfg = teacher_run(cfg)
     if not (teacher_dir / "model" / finetune.DONE).exists():
         print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
         teacher_dir.mkdir(parents=True, exist_ok=True)

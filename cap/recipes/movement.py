@@ -8,12 +8,11 @@ saved beside them, so a killed run resumes."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from cap import tracking
@@ -21,7 +20,7 @@ from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import (CrashPoints, append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint,
-                    publish_dir, read_json)
+                    publish_dir, read_json, save_tensors_atomic)
 from cap.pruning.movement import MovementScores, SparsityController, lambda_schedule, threshold_schedule
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
                                 process_rank, training_arguments)
@@ -77,8 +76,7 @@ class MovementSchedule(TrainerCallback):
         # written after the Trainer's files: a checkpoint without it is incomplete (see CONTROLLER_FILE in run)
         if self.controller is not None and process_rank() == 0:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_file(self.controller.state_dict(), str(folder / f".{CONTROLLER_FILE}"))
-            os.replace(folder / f".{CONTROLLER_FILE}", folder / CONTROLLER_FILE)
+            save_tensors_atomic(self.controller.state_dict(), folder / CONTROLLER_FILE)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if not self.banks:
@@ -100,8 +98,7 @@ class MovementSchedule(TrainerCallback):
                     batch_size=self.cfg.trainer.eval_batch_size, precision=self.cfg.trainer.precision,
                     train_mode=epoch > 0 and self.cfg.bank.snapshot_train_mode, seed=self.cfg.seed + epoch,
                     desc=f"{name} bank")
-        if process_rank() == 0:
-            save_banks({name: bank}, self.bank_dir)
+        save_banks({name: bank}, self.bank_dir)  # rank 0 writes
         crash_point("bank_encoded")
 
 
