@@ -48,7 +48,10 @@ def test_cap_soft_target_controller_logs_and_checkpoints_its_state(tiny_model_di
     overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.target_sparsity=0.6",
                                    "prune.final_lambda=1", "prune.score_lr=0.1", "data.max_train_samples=64",
                                    "trainer.batch_size=4", "trainer.warmup=4", "contrast.enabled=false")
-    rows = run(composed(overrides), tmp_path)
+    # 64 sentences teach the random tiny model nothing, so its scores cross the cut as one block: the run misses the
+    # target (landing is tested in test_movement.py) and says so
+    with pytest.warns(UserWarning, match=r"prune.target_sparsity=0.6: the run ended at .* points"):
+        rows = run(composed(overrides), tmp_path)
     assert 0 < rows[-1]["sparsity_entries"] < 1
     checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
     assert checkpoints and all((c / "sparsity_controller.safetensors").is_file() for c in checkpoints)

@@ -114,3 +114,54 @@ def test_controller_reads_the_quantile_on_a_fixed_sample():
     c = SparsityController(target=0.7, initial_lambda=1, final_threshold=0.1, total_steps=10, sample=3000)
     assert abs(c._quantile(scores) - full) < 0.05 and c._quantile(scores) == c._quantile(scores)
     assert sum(r.numel() for r in c._rows) == 3000
+
+
+def train_to_target(target: float, seed: int, updates: int = 200) -> float:
+    """CAP-soft with prune.target_sparsity on a tiny BERT that learns a counting task (is there more of tokens 4-19
+    than of 48-63?): the real MovementSchedule sets τ and λ before every update, as in the Trainer; AdamW with the
+    scores' own group, linear LR warm-up and decay. Returns the sparsity at the final threshold."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from transformers import get_linear_schedule_with_warmup
+
+    from cap.recipes.movement import MovementSchedule
+
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64,
+                                                     max_position_embeddings=16))
+    scores = MovementScores.attach(model, "soft")
+    prune = dict(criterion="soft", initial=0.0, final=0.1, initial_warmup=2, final_warmup=3, final_lambda=1.0,
+                 target_sparsity=target)
+    warmup = updates // 10
+    schedule = MovementSchedule(OmegaConf.create({"prune": prune}), scores, {}, None, None, None, updates, warmup,
+                                SparsityController(target, 1.0, 0.1, updates))
+    score_ids = {id(s) for s in scores.score_parameters()}
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if id(p) not in score_ids], "lr": 1e-3},
+        {"params": scores.score_parameters(), "lr": 0.03, "weight_decay": 0.0}])
+    lr_schedule = get_linear_schedule_with_warmup(optimizer, warmup, updates)
+    draws = torch.Generator().manual_seed(seed)
+    for step in range(updates):
+        schedule.on_step_begin(None, SimpleNamespace(global_step=step), None, optimizer=optimizer)
+        tokens = torch.randint(4, 64, (32, 12), generator=draws)
+        labels = ((tokens < 20).sum(1) > (tokens >= 48).sum(1)).long()
+        loss = model(input_ids=tokens, labels=labels).loss + schedule.lam * scores.regularization()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+    scores.set_level(0.1)
+    return scores.sparsity()["entries"]
+
+
+@pytest.mark.parametrize("target,seed", [(0.6, 0), (0.9, 1)])
+def test_controller_lands_within_half_a_point_of_the_target(target, seed):
+    assert abs(train_to_target(target, seed) - target) <= 0.005
+
+
+def test_controller_says_when_the_run_missed_its_target():
+    c = SparsityController(target=0.6, initial_lambda=1, final_threshold=0.1, total_steps=10)
+    assert c.missed(0.604) is None
+    assert "-1.20 points" in c.missed(0.588) and "prune.score_lr" in c.missed(0.588)

@@ -203,3 +203,13 @@ def test_report_on_a_real_tiny_finetune(data_dir, tiny_model_dir, tmp_path):
     assert (row["ablation"], row["split"], row["metric"], row["n"]) == ("full", "validation", "accuracy", "1")
     assert float(row["mean"]) == pytest.approx(100 * rows[0]["accuracy"])
     assert (out / "sst2.png").exists()
+
+
+def test_the_committed_reproduction_is_what_its_runs_give(tmp_path):
+    """results/minilm-sst2/ (scripts/reproduce_minilm_sst2.sh) keeps the 15 runs' metrics.json and configs in runs/:
+    the committed table must be what cap.report makes of them."""
+    committed = PAPER.parents[1] / "minilm-sst2"
+    out = main([str(committed / "runs"), "--out", str(tmp_path)])
+    assert len(list((committed / "runs").rglob("metrics.json"))) == 15
+    for name in ("table.md", "table.csv"):
+        assert (out / name).read_text() == (committed / name).read_text(), name

@@ -169,7 +169,12 @@ class SparsityController:
     the velocity of q: it should cover the distance left to the cut in the travel left (the learning rate decays
     linearly to 0, so the travel is half the updates left); log λ integrates the velocity error, measured in units
     of the scores' learning rate. λ is 0 while `active` is false (the original's λ_t = λ·τ_t/τ_final is 0 there).
-    q is read on a fixed random sample of `sample` entries, so a step costs O(sample), not O(parameters)."""
+    q is read on a fixed random sample of `sample` entries, so a step costs O(sample), not O(parameters).
+
+    It needs scores that task gradients tell apart: on a tiny BERT that learns a task it lands within ±0.5 points
+    (tests/test_movement.py); where the scores move as one block (a model that learns nothing) the sparsity jumps
+    over the target. And the scores must be able to reach the cut: Adam moves a score about `score_lr` per update,
+    so a short run needs a larger `prune.score_lr`. `missed` says so when a run ends off target."""
 
     def __init__(self, target: float, initial_lambda: float, final_threshold: float, total_steps: int,
                  gain: float = 0.3, beta: float = 0.5, sample: int = 1 << 20, seed: int = 0):
@@ -206,6 +211,15 @@ class SparsityController:
         self.log_lambda += self.gain * max(min(error, 1.0), -1.0)
         self.lam = math.exp(self.log_lambda)
         return self.lam
+
+    def missed(self, sparsity: float, tolerance: float = 0.005) -> str | None:
+        """Why the run did not land within `tolerance` of the target, or None when it did."""
+        if abs(sparsity - self.target) <= tolerance:
+            return None
+        return (f"prune.target_sparsity={self.target}: the run ended at {sparsity:.4f} "
+                f"({100 * (sparsity - self.target):+.2f} points). The scores start at 0 and must fall below "
+                f"logit(prune.final)={self.cut:.2f} after the dense phase, at a pace that the scores' learning rate "
+                f"bounds, and only task gradients tell them apart: raise prune.score_lr or trainer.epochs")
 
     def state_dict(self) -> dict[str, Tensor]:
         values = [self.log_lambda, self.lam, float("nan") if self.quantile is None else self.quantile,

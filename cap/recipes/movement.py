@@ -8,6 +8,7 @@ saved beside them, so a killed run resumes."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -181,6 +182,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
 
     # fold the scores into hard zeros at the final level: a stock model, saved dense and compact
     scores.set_level(p.final)
+    if controller is not None and (miss := controller.missed(scores.sparsity()["entries"])):
+        warnings.warn(miss, stacklevel=1)
     scores.fold()
     if process_rank() == 0:
         tmp = run_dir / "model.tmp"
