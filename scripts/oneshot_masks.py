@@ -22,6 +22,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 from cap.data import load_task_data  # noqa: E402
 from cap.evaluation import evaluate_task  # noqa: E402
 from cap.pruning.movement import prunable_linears, topk_mask  # noqa: E402
+from cap.sparse import encoder_sparsity  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -52,7 +53,9 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     for name, linear in prunable_linears(model):
                         linear.weight.copy_(dense[name] * topk_mask(scores(dense[name]), keep))
-                rows.append({"criterion": criterion, "keep": keep, **evaluate_task(trainer, data)})
+                rows.append({"criterion": criterion, "keep": keep,
+                             "matrix_sparsity": round(encoder_sparsity(model)["matrix_sparsity"], 6),
+                             **evaluate_task(trainer, data)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

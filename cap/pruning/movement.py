@@ -191,8 +191,8 @@ class SparsityController:
             g = torch.Generator().manual_seed(self.seed)
             total = sum(s.numel() for s in scores)
             self._rows = [torch.randint(s.numel(), (max(1, s.numel() * self.sample // total),), generator=g)
-                          if total > self.sample else None for s in scores]
-        flat = torch.cat([s.detach().flatten() if rows is None else s.detach().flatten()[rows.to(s.device)]
+                          .to(s.device) if total > self.sample else None for s in scores]
+        flat = torch.cat([s.detach().flatten() if rows is None else s.detach().flatten()[rows]
                           for s, rows in zip(scores, self._rows)])
         return float(flat.float().kthvalue(max(int(self.target * flat.numel()), 1)).values)
 
