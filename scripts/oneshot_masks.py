@@ -1,6 +1,10 @@
 """How much does a fine-tuned model lose to unstructured masks alone? Per-matrix Top-K masks (the CAP-m binarizer)
-chosen once by |W| (magnitude) and by random scores, on the 72 encoder matrices, then evaluated with no retraining.
-A floor for movement-pruning runs: masks chosen by scores that carry no signal behave like the random ones.
+on the 72 encoder matrices, chosen once and evaluated with no retraining, by
+- magnitude: |W|; random: uniform scores;
+- movement: the scores CAP-m learns in its dense phase (`--movement-updates` updates of CE on the training set,
+  level 1, scores in their own AdamW group as in cap.recipes.movement); `movement_flipped` keeps the lowest of them
+  instead, `movement_extremes` removes the largest |S| (both tails alike).
+All masks are applied to the checkpoint's own weights.
 
     CAP_DATA_DIR=../shared/data python scripts/oneshot_masks.py runs/teachers/<key>/model --task sst2 \
         --out results/minilm-sst2/oneshot_masks.json
@@ -21,29 +25,47 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 
 from cap.data import load_task_data  # noqa: E402
 from cap.evaluation import evaluate_task  # noqa: E402
-from cap.pruning.movement import prunable_linears, topk_mask  # noqa: E402
+from cap.pruning.movement import MovementScores, prunable_linears, topk_mask  # noqa: E402
 from cap.sparse import encoder_sparsity  # noqa: E402
+
+
+MOVEMENT_ARGS = ("movement_updates", "score_lr", "lr", "batch_size", "max_train_samples", "seed")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a fine-tuned checkpoint (e.g. a cached teacher's model/ dir)")
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.7, 0.5, 0.3, 0.1], help="Top-K keep fractions")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1], help="Top-K keep fractions")
     parser.add_argument("--data-dir", default=os.environ.get("CAP_DATA_DIR"),
                         help="default: $CAP_DATA_DIR; else the hub")
     parser.add_argument("--eval-split", help="default: the task's validation split(s)")
-    parser.add_argument("--seed", type=int, default=0, help="for the random scores")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="for the random scores and the order of the movement updates")
+    parser.add_argument("--movement-updates", type=int, default=126,
+                        help="dense-phase updates that learn the movement scores (default: the dense phase of "
+                             "experiment=minilm/sst2_cap_m; 0: no movement criteria)")
+    parser.add_argument("--score-lr", type=float, default=1e-2,
+                        help="the scores' learning rate (at level 1 it scales S and leaves its ranking alone)")
+    parser.add_argument("--lr", type=float, default=3e-5, help="the weights' learning rate while scores learn")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-train-samples", type=int, default=2000,
+                        help="the training subset the scores see (drawn as cap draws it, seed 42)")
     parser.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
     data = load_task_data(args.task, tokenizer, data_dir=args.data_dir, eval_splits=args.eval_split,
-                          max_train_samples=1)
+                          max_train_samples=args.max_train_samples if args.movement_updates else 1)
     dense = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model)}
     generator = torch.Generator().manual_seed(args.seed)
-    criteria = {"magnitude": lambda w: w.abs(), "random": lambda w: torch.rand(w.shape, generator=generator)}
+    criteria = {"magnitude": lambda name, w: w.abs(),
+                "random": lambda name, w: torch.rand(w.shape, generator=generator)}
+    if args.movement_updates:
+        movement = movement_scores(args.model, data.train, DataCollatorWithPadding(tokenizer), args)
+        criteria.update(movement=lambda name, w: movement[name], movement_flipped=lambda name, w: -movement[name],
+                        movement_extremes=lambda name, w: -movement[name].abs())
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model=model, data_collator=DataCollatorWithPadding(tokenizer),
                           args=TrainingArguments(tmp, per_device_eval_batch_size=128, report_to=[], use_cpu=True))
@@ -52,14 +74,40 @@ def main(argv=None) -> None:
             for keep in args.keep:
                 with torch.no_grad():
                     for name, linear in prunable_linears(model):
-                        linear.weight.copy_(dense[name] * topk_mask(scores(dense[name]), keep))
+                        linear.weight.copy_(dense[name] * topk_mask(scores(name, dense[name]), keep))
                 rows.append({"criterion": criterion, "keep": keep,
                              "matrix_sparsity": round(encoder_sparsity(model)["matrix_sparsity"], 6),
                              **evaluate_task(trainer, data)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": str(args.model), "task": args.task, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"model": str(args.model), "task": args.task, "rows": rows,
+                                         "movement": {k: getattr(args, k) for k in MOVEMENT_ARGS}}, indent=1) + "\n")
+
+
+def movement_scores(path, train, collator, args) -> dict[str, torch.Tensor]:
+    """The scores S of every prunable matrix after `args.movement_updates` dense updates of CE (a fresh copy of the
+    checkpoint; its weights learn too, at `args.lr`, as in CAP-m's dense phase)."""
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path).train()
+    scores = MovementScores.attach(model, "topk")
+    own = {id(s) for s in scores.score_parameters()}
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model.parameters() if id(p) not in own], "lr": args.lr, "weight_decay": 0.0},
+        {"params": scores.score_parameters(), "lr": args.score_lr, "weight_decay": 0.0}])
+    inputs = train.remove_columns([c for c in train.column_names
+                                   if c not in ("input_ids", "attention_mask", "token_type_ids", "labels")])
+    loader = torch.utils.data.DataLoader(inputs, batch_size=args.batch_size, shuffle=True, collate_fn=collator)
+    done = 0
+    while done < args.movement_updates:
+        for batch in loader:
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+            optimizer.step()
+            done += 1
+            if done == args.movement_updates:
+                break
+    return {name: score.detach().clone() for (name, _), score in zip(scores.linears, scores.score_parameters())}
 
 
 if __name__ == "__main__":
