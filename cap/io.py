@@ -1,5 +1,6 @@
 """Files a crash cannot leave half-written (write to a temporary sibling, then rename), the check that a file read
-back on resume is whole, and `crash_point`, the hook tests use to kill a run at a chosen phase."""
+back on resume is whole, `crash_point`, the hook tests use to kill a run at a chosen phase, and `process_rank`,
+which says whether this process is the one that writes."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,12 @@ import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+
+def process_rank() -> int:
+    """This process's rank as the launcher (accelerate, torchrun) set it; 0 when launched alone. Read from the
+    environment, so it holds before torch.distributed is initialised."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -16,10 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cap.data.tasks import get_task
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+from cap.io import process_rank
 
 
 def has_wandb_key() -> bool:
@@ -39,7 +36,7 @@ def start(cfg: DictConfig, run_dir: Path) -> list[str]:
         from cap.errors import UserError
 
         raise UserError(f"unknown logger '{cfg.logger.name}': use logger=wandb or logger=none")
-    if not _is_main_process():
+    if process_rank() != 0:
         return []
     import wandb
 

@@ -4,7 +4,10 @@ on the 72 encoder matrices, chosen once and evaluated with no retraining, by
 - movement: the scores CAP-m learns in its dense phase (`--movement-updates` updates of CE on the training set,
   level 1, scores in their own AdamW group as in cap.recipes.movement); `movement_flipped` keeps the lowest of them
   instead, `movement_extremes` removes the largest |S| (both tails alike).
-All masks are applied to the checkpoint's own weights.
+All masks are applied to the checkpoint's own weights. `output_change` is how far a mask moves the matrices'
+outputs on `--probe-sentences` training sentences: mean over matrices of ||X (W - M⊙W)ᵀ||² / ||X Wᵀ||², X the
+matrix's inputs in the dense model (0: nothing changes, 1: as far as zeroing the matrix; above 1 where the
+removed contributions add up instead of cancelling).
 
     CAP_DATA_DIR=../shared/data python scripts/oneshot_masks.py runs/teachers/<key>/model --task sst2 \
         --out results/minilm-sst2/oneshot_masks.json
@@ -36,7 +39,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a fine-tuned checkpoint (e.g. a cached teacher's model/ dir)")
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1], help="Top-K keep fractions")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1],
+                        help="Top-K keep fractions")
     parser.add_argument("--data-dir", default=os.environ.get("CAP_DATA_DIR"),
                         help="default: $CAP_DATA_DIR; else the hub")
     parser.add_argument("--eval-split", help="default: the task's validation split(s)")
@@ -51,23 +55,26 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-train-samples", type=int, default=2000,
                         help="the training subset the scores see (drawn as cap draws it, seed 42)")
+    parser.add_argument("--probe-sentences", type=int, default=64, help="training sentences for output_change")
     parser.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
     data = load_task_data(args.task, tokenizer, data_dir=args.data_dir, eval_splits=args.eval_split,
-                          max_train_samples=args.max_train_samples if args.movement_updates else 1)
+                          max_train_samples=args.max_train_samples)
+    collator = DataCollatorWithPadding(tokenizer)
     dense = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model)}
+    probe = matrix_inputs(model, data.train, collator, args.probe_sentences)
     generator = torch.Generator().manual_seed(args.seed)
     criteria = {"magnitude": lambda name, w: w.abs(),
                 "random": lambda name, w: torch.rand(w.shape, generator=generator)}
     if args.movement_updates:
-        movement = movement_scores(args.model, data.train, DataCollatorWithPadding(tokenizer), args)
+        movement = movement_scores(args.model, data.train, collator, args)
         criteria.update(movement=lambda name, w: movement[name], movement_flipped=lambda name, w: -movement[name],
                         movement_extremes=lambda name, w: -movement[name].abs())
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model=model, data_collator=DataCollatorWithPadding(tokenizer),
+        trainer = Trainer(model=model, data_collator=collator,
                           args=TrainingArguments(tmp, per_device_eval_batch_size=128, report_to=[], use_cpu=True))
         rows = [{"criterion": "dense", "keep": 1.0, **evaluate_task(trainer, data)}]
         for criterion, scores in criteria.items():
@@ -77,6 +84,7 @@ def main(argv=None) -> None:
                         linear.weight.copy_(dense[name] * topk_mask(scores(name, dense[name]), keep))
                 rows.append({"criterion": criterion, "keep": keep,
                              "matrix_sparsity": round(encoder_sparsity(model)["matrix_sparsity"], 6),
+                             "output_change": round(output_change(model, dense, probe), 6),
                              **evaluate_task(trainer, data)})
                 print(json.dumps(rows[-1]), flush=True)
     if args.out:
@@ -95,9 +103,8 @@ def movement_scores(path, train, collator, args) -> dict[str, torch.Tensor]:
     optimizer = torch.optim.AdamW([
         {"params": [p for p in model.parameters() if id(p) not in own], "lr": args.lr, "weight_decay": 0.0},
         {"params": scores.score_parameters(), "lr": args.score_lr, "weight_decay": 0.0}])
-    inputs = train.remove_columns([c for c in train.column_names
-                                   if c not in ("input_ids", "attention_mask", "token_type_ids", "labels")])
-    loader = torch.utils.data.DataLoader(inputs, batch_size=args.batch_size, shuffle=True, collate_fn=collator)
+    loader = torch.utils.data.DataLoader(model_inputs(train), batch_size=args.batch_size, shuffle=True,
+                                         collate_fn=collator)
     done = 0
     while done < args.movement_updates:
         for batch in loader:
@@ -108,6 +115,36 @@ def movement_scores(path, train, collator, args) -> dict[str, torch.Tensor]:
             if done == args.movement_updates:
                 break
     return {name: score.detach().clone() for (name, _), score in zip(scores.linears, scores.score_parameters())}
+
+
+def model_inputs(train, labels: bool = True):
+    keep = ("input_ids", "attention_mask", "token_type_ids") + (("labels",) if labels else ())
+    return train.remove_columns([c for c in train.column_names if c not in keep])
+
+
+@torch.no_grad()
+def matrix_inputs(model, train, collator, sentences: int) -> dict[str, torch.Tensor]:
+    """The inputs of every prunable matrix (real tokens only, [tokens, in]) on the first `sentences` training ones."""
+    seen, linears = {}, prunable_linears(model)
+    hooks = [linear.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, args[0]))
+             for name, linear in linears]
+    inputs = model_inputs(train, labels=False)
+    batch = collator([inputs[i] for i in range(min(sentences, len(inputs)))])
+    try:
+        model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    real = batch["attention_mask"].bool()
+    return {name: seen[name][real] for name, _ in linears}
+
+
+@torch.no_grad()
+def output_change(model, dense: dict[str, torch.Tensor], probe: dict[str, torch.Tensor]) -> float:
+    """Mean over the prunable matrices of ||X (W_dense - W)ᵀ||² / ||X W_denseᵀ||² (X: the matrix's dense inputs)."""
+    ratios = [float((probe[name] @ (dense[name] - linear.weight).T).square().sum()
+                    / (probe[name] @ dense[name].T).square().sum()) for name, linear in prunable_linears(model)]
+    return sum(ratios) / len(ratios)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
     script = oneshot_masks()
     out = tmp_path / "oneshot.json"
     script.main([str(sst2_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir), "--keep", "1.0", "0.5", "0.0",
-                 "--movement-updates", "2", "--max-train-samples", "16", "--batch-size", "8", "--out", str(out)])
+                 "--movement-updates", "2", "--max-train-samples", "16", "--batch-size", "8",
+                 "--probe-sentences", "8", "--out", str(out)])
     written = json.loads(out.read_text())["rows"]
     rows = {(r["criterion"], r["keep"]): r["validation"]["accuracy"] for r in written}
     criteria = ("magnitude", "random", "movement", "movement_flipped", "movement_extremes")
@@ -36,6 +37,11 @@ def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
     assert {rows[(c, 1.0)] for c in criteria} == {rows[("dense", 1.0)]}
     # keeping nothing zeroes every encoder matrix: every criterion gives the same model
     assert len({rows[(c, 0.0)] for c in criteria}) == 1
+    # the output change is 0 when everything is kept, 1 when nothing is; removing half by |W| changes less than
+    # removing half at random (above 1 only where the removed contributions add up: movement's one-signed tails)
+    change = {(r["criterion"], r["keep"]): r["output_change"] for r in written[1:]}
+    assert all(change[(c, 1.0)] == 0 and abs(change[(c, 0.0)] - 1) < 1e-6 for c in criteria)
+    assert 0 < change[("magnitude", 0.5)] < change[("random", 0.5)] < 1
 
 
 def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
@@ -48,7 +54,8 @@ def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
     model = AutoModelForSequenceClassification.from_pretrained(sst2_teacher_dir)
     assert {n: tuple(s.shape) for n, s in first.items()} == {n: tuple(m.weight.shape)
                                                               for n, m in prunable_linears(model)}
-    # three Adam updates at lr 0.1 move every score that sees a gradient by up to 0.3; the same seed, the same scores
+    # Adam moves a score that sees a gradient by about lr per update: three at lr 0.1 stay well under 0.45;
+    # the same seed, the same scores
     moved = torch.cat([s.flatten() for s in first.values()])
-    assert 0 < moved.abs().max() <= 0.3 + 1e-6 and (moved != 0).float().mean() > 0.5
+    assert 0 < moved.abs().max() <= 0.45 and (moved != 0).float().mean() > 0.5
     assert all(torch.equal(first[n], again[n]) for n in first)

@@ -18,12 +18,12 @@ from cap import tracking
 from cap.banks import build_banks, encode_into, load_banks, load_or_encode, rank_and_world, save_banks
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
-from cap.io import (CrashPoints, append_metrics, crash_point, first_problem, last_complete_checkpoint, publish_dir,
-                    read_json, save_tensors_atomic, write_json_atomic)
+from cap.io import (CrashPoints, append_metrics, crash_point, first_problem, last_complete_checkpoint, process_rank,
+                    publish_dir, read_json, save_tensors_atomic, write_json_atomic)
 from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
-                                process_rank, training_arguments)
+                                training_arguments)
 from cap.trainer import CAPTrainer
 
 

@@ -64,12 +64,6 @@ def contrast_settings(cfg: DictConfig) -> Contrast:
                     extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling)
 
 
-def process_rank() -> int:
-    import os
-
-    return int(os.environ.get("RANK", "0"))
-
-
 def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) -> TrainingArguments:
     t = cfg.trainer
     save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}

@@ -21,10 +21,10 @@ from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import (CrashPoints, append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint,
-                    publish_dir, read_json, save_tensors_atomic)
+                    process_rank, publish_dir, read_json, save_tensors_atomic)
 from cap.pruning.movement import MovementScores, SparsityController, lambda_schedule, threshold_schedule
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
-                                process_rank, training_arguments)
+                                training_arguments)
 from cap.sparse import save_sparse
 from cap.trainer import CAPTrainer
 
