@@ -3,7 +3,9 @@ on the 72 encoder matrices, chosen once and evaluated with no retraining, by
 - magnitude: |W|; random: uniform scores;
 - movement: the scores CAP-m learns in its dense phase (`--movement-updates` updates of CE on the training set,
   level 1, scores in their own AdamW group as in cap.recipes.movement); `movement_flipped` keeps the lowest of them
-  instead, `movement_extremes` removes the largest |S| (both tails alike).
+  instead, `movement_extremes` removes the largest |S| (both tails alike); and, at `--group-keep`, the movement
+  masks on one kind of matrix (e.g. every intermediate.dense) or one layer at a time, the rest dense (rows with
+  `only`).
 All masks are applied to the checkpoint's own weights. `output_change` is how far a mask moves the matrices'
 outputs on `--probe-sentences` training sentences: mean over matrices of ||X (W - M⊙W)ᵀ||² / ||X Wᵀ||², X the
 matrix's inputs in the dense model (0: nothing changes, 1: as far as zeroing the matrix; above 1 where the
@@ -28,11 +30,11 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 
 from cap.data import load_task_data  # noqa: E402
 from cap.evaluation import evaluate_task  # noqa: E402
-from cap.pruning.movement import MovementScores, prunable_linears, topk_mask  # noqa: E402
+from cap.pruning.movement import PRUNED_MODULES, MovementScores, prunable_linears, topk_mask  # noqa: E402
 from cap.sparse import encoder_sparsity  # noqa: E402
 
 
-MOVEMENT_ARGS = ("movement_updates", "score_lr", "lr", "batch_size", "max_train_samples", "seed")
+MOVEMENT_ARGS = ("movement_updates", "score_lr", "lr", "batch_size", "max_train_samples", "seed", "group_keep")
 
 
 def main(argv=None) -> None:
@@ -55,6 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-train-samples", type=int, default=2000,
                         help="the training subset the scores see (drawn as cap draws it, seed 42)")
+    parser.add_argument("--group-keep", type=float, default=0.9,
+                        help="keep fraction of the one-group-at-a-time movement masks (0: none)")
     parser.add_argument("--probe-sentences", type=int, default=64, help="training sentences for output_change")
     parser.add_argument("--out", type=Path, help="write the rows here as JSON")
     args = parser.parse_args(argv)
@@ -77,16 +81,26 @@ def main(argv=None) -> None:
         trainer = Trainer(model=model, data_collator=collator,
                           args=TrainingArguments(tmp, per_device_eval_batch_size=128, report_to=[], use_cpu=True))
         rows = [{"criterion": "dense", "keep": 1.0, **evaluate_task(trainer, data)}]
-        for criterion, scores in criteria.items():
+
+        def measure(criterion, keep, only=None):
+            with torch.no_grad():
+                for name, linear in prunable_linears(model):
+                    chosen = only is None or name.split(".", 2)[2] == only or name.startswith(f"{only}.")
+                    linear.weight.copy_(dense[name] * topk_mask(criteria[criterion](name, dense[name]), keep)
+                                        if chosen else dense[name])
+            rows.append({"criterion": criterion, "keep": keep, **({"only": only} if only else {}),
+                         "matrix_sparsity": round(encoder_sparsity(model)["matrix_sparsity"], 6),
+                         "output_change": round(output_change(model, dense, probe), 6),
+                         **evaluate_task(trainer, data)})
+            print(json.dumps(rows[-1]), flush=True)
+
+        for criterion in criteria:
             for keep in args.keep:
-                with torch.no_grad():
-                    for name, linear in prunable_linears(model):
-                        linear.weight.copy_(dense[name] * topk_mask(scores(name, dense[name]), keep))
-                rows.append({"criterion": criterion, "keep": keep,
-                             "matrix_sparsity": round(encoder_sparsity(model)["matrix_sparsity"], 6),
-                             "output_change": round(output_change(model, dense, probe), 6),
-                             **evaluate_task(trainer, data)})
-                print(json.dumps(rows[-1]), flush=True)
+                measure(criterion, keep)
+        if args.movement_updates and args.group_keep:
+            layers = sorted({name.split(".")[1] for name in dense}, key=int)
+            for only in (*PRUNED_MODULES, *(f"layer.{i}" for i in layers)):  # a kind of matrix, or a layer
+                measure("movement", args.group_keep, only)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": str(args.model), "task": args.task, "rows": rows,

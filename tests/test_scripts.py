@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from cap.data import load_task_data
-from cap.pruning.movement import prunable_linears
+from cap.pruning.movement import PRUNED_MODULES, prunable_linears
 
 from helpers import REPO
 
@@ -25,8 +25,10 @@ def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
     out = tmp_path / "oneshot.json"
     script.main([str(sst2_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir), "--keep", "1.0", "0.5", "0.0",
                  "--movement-updates", "2", "--max-train-samples", "16", "--batch-size", "8",
-                 "--probe-sentences", "8", "--out", str(out)])
+                 "--probe-sentences", "8", "--group-keep", "0.5", "--out", str(out)])
     written = json.loads(out.read_text())["rows"]
+    groups = [r for r in written if "only" in r]
+    written = [r for r in written if "only" not in r]
     rows = {(r["criterion"], r["keep"]): r["validation"]["accuracy"] for r in written}
     criteria = ("magnitude", "random", "movement", "movement_flipped", "movement_extremes")
     assert set(rows) == {("dense", 1.0), *((c, k) for c in criteria for k in (1.0, 0.5, 0.0))}
@@ -42,6 +44,12 @@ def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
     change = {(r["criterion"], r["keep"]): r["output_change"] for r in written[1:]}
     assert all(change[(c, 1.0)] == 0 and abs(change[(c, 0.0)] - 1) < 1e-6 for c in criteria)
     assert 0 < change[("magnitude", 0.5)] < change[("random", 0.5)] < 1
+    # one group at a time (--group-keep 0.5): the six kinds, then the layers, each partitioning the masked entries
+    kinds, layers = groups[:6], groups[6:]
+    assert [r["only"] for r in kinds] == list(PRUNED_MODULES)
+    assert [r["only"] for r in layers] == [f"layer.{i}" for i in range(len(layers))] and len(layers) > 1
+    for part in (kinds, layers):
+        assert abs(sum(r["matrix_sparsity"] for r in part) - 0.5) < 1e-3
 
 
 def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
