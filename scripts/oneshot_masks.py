@@ -113,10 +113,7 @@ def movement_scores(path, train, collator, args) -> dict[str, torch.Tensor]:
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path).train()
     scores = MovementScores.attach(model, "topk")
-    own = {id(s) for s in scores.score_parameters()}
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if id(p) not in own], "lr": args.lr, "weight_decay": 0.0},
-        {"params": scores.score_parameters(), "lr": args.score_lr, "weight_decay": 0.0}])
+    optimizer = torch.optim.AdamW(scores.param_groups(lr=args.lr, weight_decay=0.0, score_lr=args.score_lr))
     loader = torch.utils.data.DataLoader(model_inputs(train), batch_size=args.batch_size, shuffle=True,
                                          collate_fn=collator)
     done = 0

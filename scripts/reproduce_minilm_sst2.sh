@@ -7,10 +7,13 @@
 # Usage: scripts/reproduce_minilm_sst2.sh [sweep dir] [--report-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sweep=${1:-multiruns/minilm-sst2}
+sweep=multiruns/minilm-sst2 report_only=false
+for arg in "$@"; do
+    if [[ "$arg" == --report-only ]]; then report_only=true; else sweep=$arg; fi
+done
 out=results/minilm-sst2
 run() { python -m cap -m experiment=minilm/sst2_reproduction seed=1,2,3 hydra.sweep.dir="$sweep/$1" "${@:2}"; }
-if [[ "${2:-}" != "--report-only" ]]; then
+if ! $report_only; then
     run main contrast.enabled=true,false
     run no-prc contrast.prc=false
     run no-snc contrast.snc=false

@@ -44,6 +44,17 @@ def test_scores_get_straight_through_gradients():
     assert torch.allclose(s.grad[mask], (w.grad * w.detach())[mask], atol=1e-6)
 
 
+def test_param_groups_split_weights_from_scores():
+    model = tiny()
+    scores = MovementScores.attach(model, "topk")
+    weights, own = scores.param_groups(lr=3e-5, weight_decay=0.01, score_lr=1e-2)
+    assert (own["lr"], own["weight_decay"], weights["lr"], weights["weight_decay"]) == (1e-2, 0.0, 3e-5, 0.01)
+    ids = [id(p) for g in (weights, own) for p in g["params"]]
+    # every trainable parameter in exactly one group, the 12 score matrices (2 layers x 6) in their own
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(own["params"]) == 12
+    assert {id(p) for p in own["params"]} == {id(s) for s in scores.score_parameters()}
+
+
 def test_dense_level_leaves_outputs_unchanged_and_fold_gives_a_stock_model():
     model, reference = tiny(), tiny()
     ids = torch.randint(5, 100, (2, 7))
@@ -137,10 +148,7 @@ def train_to_target(target: float, seed: int, updates: int = 200) -> float:
     warmup = updates // 10
     schedule = MovementSchedule(OmegaConf.create({"prune": prune}), scores, {}, None, None, None, updates, warmup,
                                 SparsityController(target, 1.0, 0.1, updates))
-    score_ids = {id(s) for s in scores.score_parameters()}
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in model.parameters() if id(p) not in score_ids], "lr": 1e-3},
-        {"params": scores.score_parameters(), "lr": 0.03, "weight_decay": 0.0}])
+    optimizer = torch.optim.AdamW(scores.param_groups(lr=1e-3, weight_decay=0.01, score_lr=0.03))
     lr_schedule = get_linear_schedule_with_warmup(optimizer, warmup, updates)
     draws = torch.Generator().manual_seed(seed)
     for step in range(updates):

@@ -109,6 +109,13 @@ class MovementScores:
     def score_parameters(self) -> list[nn.Parameter]:
         return [p[0].scores for _, p in self._weights()]
 
+    def param_groups(self, *, lr: float, weight_decay: float, score_lr: float) -> list[dict]:
+        """Optimizer groups: the model's trainable weights, then the scores (own lr, no weight decay; spec §5.2)."""
+        own = {id(s) for s in self.score_parameters()}
+        weights = [w for w in self.model.parameters() if id(w) not in own and w.requires_grad]
+        return [{"params": weights, "lr": lr, "weight_decay": weight_decay},
+                {"params": self.score_parameters(), "lr": score_lr, "weight_decay": 0.0}]
+
     @torch.no_grad()
     def masks(self) -> dict[str, Tensor]:
         binarize = topk_mask if self.criterion == "topk" else threshold_mask

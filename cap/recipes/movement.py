@@ -162,12 +162,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
                                 warmup_steps, controller)
     evaluation = EpochEvaluation(cfg, scores, data, run_dir, cfg.method.name)
     regularizer = (lambda: schedule.lam * scores.regularization()) if p.criterion == "soft" else None
-    score_ids = {id(s) for s in scores.score_parameters()}
-    weights = [w for w in model.parameters() if id(w) not in score_ids and w.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {"params": weights, "lr": args.learning_rate, "weight_decay": args.weight_decay},
-        {"params": scores.score_parameters(), "lr": p.score_lr, "weight_decay": 0.0},
-    ], eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW(scores.param_groups(lr=args.learning_rate, weight_decay=args.weight_decay,
+                                                      score_lr=p.score_lr), eps=args.adam_epsilon)
     trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
                          processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
                          banks=banks, contrast=contrast_settings(cfg), regularizer=regularizer,
