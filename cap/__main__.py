@@ -1,17 +1,24 @@
 """`python -m cap task=... method=... [key=value ...]`: the Hydra entry point."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import hydra
+from hydra._internal import utils as hydra_utils
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from cap.cli import SchemaCheck, explain
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: `cap` and `python -m cap` work from any folder
+
+
+@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
+def run_job(cfg: DictConfig) -> None:
     from cap.errors import UserError
     from cap.recipes import run
 
@@ -22,8 +29,45 @@ def main(cfg: DictConfig) -> None:
     except UserError as err:
         if fresh:  # nothing of this run was written yet: leave no half-made run dir behind
             shutil.rmtree(run_dir, ignore_errors=True)
+            remove_empty_parents(run_dir)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def remove_empty_parents(run_dir: Path) -> None:
+    """The folders Hydra made for a run dir (runs/sst2/cap_m/...), up to the working directory, while empty."""
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def main() -> None:
+    """Hydra's command line (`-m`, `--cfg`, `--help`, launchers as documented), with one change: a config that does
+    not compose (an unknown key or option, a value of the wrong type) is one `error:` line and exit status 2, as
+    every other bad input, instead of Hydra's report over several lines and status 1 (HYDRA_FULL_ERROR=1 still gets
+    Hydra's traceback). Hydra reports through `run_and_report`, which has no hook: it is wrapped here, for the
+    composition errors alone."""
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def composed():
+            try:
+                return func()
+            except CompactHydraException as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {explain(err)}", file=sys.stderr)
+                SchemaCheck.remove_empty_sweep_dir()
+                sys.exit(2)
+        return report(composed)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        run_job()
+    finally:
+        hydra_utils.run_and_report = report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Files a crash cannot leave half-written (write to a temporary sibling, then rename), the check that a file read
-back on resume is whole, `crash_point`, the hook tests use to kill a run at a chosen phase, and `process_rank`,
-which says whether this process is the one that writes."""
+back on resume is whole, the deletion of a finished run's Trainer checkpoints, `crash_point`, the hook tests use to
+kill a run at a chosen phase, and `process_rank`, which says whether this process is the one that writes."""
 from __future__ import annotations
 
 import json
@@ -63,6 +63,36 @@ def publish_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def publish_linked(source: Path, final: Path) -> None:
+    """Publish (as `publish_dir`) a folder holding the files of `source`: hard links, so they take no more disk, or
+    copies where the file system has no hard links. Safe because published files are never rewritten in place."""
+    tmp = final.with_name(f"{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    publish_dir(tmp, final)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def remove_checkpoints(ckpt_dir: Path) -> None:
+    """Delete the Trainer checkpoints of a finished stage or run (`trainer.keep_checkpoints=false`). Call it only
+    once the marker that says finished is written. The folder is first renamed aside, so a run killed while
+    deleting never leaves a half-deleted checkpoint that a redone stage could resume from; a later call finishes
+    the deletion."""
+    ckpt_dir = Path(ckpt_dir)
+    trash = ckpt_dir.with_name(f".{ckpt_dir.name}.deleted")
+    if ckpt_dir.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(ckpt_dir, trash)
+        crash_point("removing_checkpoints")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def file_problem(path: Path) -> str | None:
     """What makes `path` unusable (missing, cut short, unreadable), or None when it is whole.
 
@@ -120,8 +150,8 @@ def crash_point(name: str) -> None:
     no `finally`) the n-th time (default 1) it reaches the point `name`. tests/test_resume.py stops runs this way
     at every phase and checks that the same command, run again, ends as an uninterrupted run.
 
-    Points: bank_encoded, importance_done, selected_saved, checkpoint_saved, stage_saved, epoch_evaluated,
-    model_published, export_written."""
+    Points: bank_encoded, importance_done, selected_saved, checkpoint_saved, stage_saved, removing_checkpoints,
+    epoch_evaluated, model_published, export_written."""
     target = os.environ.get("CAP_KILL_AT")
     if not target or target.partition(":")[0] != name:
         return

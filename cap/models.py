@@ -1,6 +1,9 @@
 """Building students and teachers from a name or a path."""
 from __future__ import annotations
 
+import logging
+import re
+
 import torch
 
 from cap.errors import UserError
@@ -46,15 +49,63 @@ def _auto_class(spec):
     return AutoModelForQuestionAnswering if spec.is_qa else AutoModelForSequenceClassification
 
 
+class _HeldReports(logging.Filter):
+    """Holds back transformers' LOAD REPORT table (logged as a warning by `from_pretrained`), so that the caller
+    decides: say an expected new task head in one line of ours, or let the table through (`release`)."""
+
+    LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.records:
+            logging.getLogger(self.LOGGER).handle(record)
+        self.records = []
+
+
 def _load(auto_cls, path: str, **kwargs):
-    """(model, loading info) of `auto_cls.from_pretrained(path, **kwargs)`; the info lists missing and mismatched
-    weights. A path that is not a checkpoint, or a checkpoint that has no such head class, is a UserError."""
+    """(model, loading info, held-back loading report) of `auto_cls.from_pretrained(path, **kwargs)`; the info lists
+    missing and mismatched weights. A path that is not a checkpoint, or a checkpoint that has no such head class, is
+    a UserError. When loading fails, the library's report (which may say why) is let through."""
+    held = _HeldReports()
+    logger = logging.getLogger(_HeldReports.LOGGER)
+    logger.addFilter(held)
     try:
-        return auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    except OSError as err:
-        raise _not_found(path) from err
-    except ValueError as err:  # e.g. the config of a vision model, which has no such head class
-        raise _no_such_head(path, auto_cls, err) from err
+        model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    except BaseException as err:
+        logger.removeFilter(held)
+        held.release()  # the load failed: the library's report may say why
+        if isinstance(err, OSError):
+            raise _not_found(path) from err
+        if isinstance(err, ValueError):  # e.g. the config of a vision model, which has no such head class
+            raise _no_such_head(path, auto_cls, err) from err
+        raise
+    logger.removeFilter(held)
+    return model, info, held
+
+
+# checkpoint weights a task model leaves unused without harm: BERT's pre-training heads, and the pooler (QA heads
+# read the token states)
+_UNUSED_HEADS = re.compile(r"^(\w+\.)?(cls|pooler|lm_head)\.")
+
+
+def _new_head(model, info) -> list[str] | None:
+    """The weights of a freshly initialised task head when that is all the loading report says (the expected case
+    of a pre-trained checkpoint); None when anything else is missing, mismatched or unexpected."""
+    base = f"{model.base_model_prefix}."
+    missing = sorted(info["missing_keys"])
+    unexpected = [k for k in info["unexpected_keys"] if not _UNUSED_HEADS.match(k)]
+    if info["mismatched_keys"] or unexpected or not missing or any(k.startswith(base) for k in missing):
+        return None
+    return sorted(missing, key=lambda k: (k.rsplit(".", 1)[0], k.rsplit(".", 1)[-1] != "weight"))
 
 
 def load_tokenizer(name_or_path: str):
@@ -68,26 +119,37 @@ def load_tokenizer(name_or_path: str):
 
 
 def build_model(name_or_path: str, spec):
-    """A task model (sequence classification or QA head) on top of the checkpoint `name_or_path`."""
+    """A task model (sequence classification or QA head) on top of the checkpoint `name_or_path`. Classification
+    models carry the task's label names (config.id2label / label2id), so saved models predict `positive`, not
+    `LABEL_1`."""
     path = resolve_model_path(name_or_path)
     kwargs = {}
     if not spec.is_qa:
         kwargs = {"num_labels": spec.num_labels, "ignore_mismatched_sizes": True}
         if spec.is_regression:
             kwargs["problem_type"] = "regression"
-    model, info = _load(_auto_class(spec), path, **kwargs)
+        if spec.label_names:
+            kwargs["id2label"] = dict(enumerate(spec.label_names))
+            kwargs["label2id"] = {name: i for i, name in enumerate(spec.label_names)}
+    model, info, report = _load(_auto_class(spec), path, **kwargs)
     if info["mismatched_keys"]:
         raise UserError(
             f"model.name_or_path={name_or_path} has a task head of another size than task {spec.name} needs "
             f"({spec.num_labels} outputs): start from the pre-trained checkpoint, not one fine-tuned on another task"
         )
+    new_head = _new_head(model, info)
+    if new_head is None:
+        report.release()  # something other than a new head: the library's table says what
+    else:
+        print(f"model: {name_or_path} + a new {spec.name} head ({', '.join(new_head)} initialised randomly)")
     return model
 
 
 def load_teacher(path: str, spec, student) -> torch.nn.Module:
     """A fine-tuned teacher; its head must fit the task (label count, QA vs classification, trained weights) and it
     must read the student's token ids (same vocabulary size)."""
-    teacher, info = _load(_auto_class(spec), resolve_model_path(path))
+    teacher, info, report = _load(_auto_class(spec), resolve_model_path(path))
+    report.release()  # a fine-tuned teacher loads completely: whatever the library reports is worth seeing
     where = f"teacher.path={path}"
     n_labels = getattr(teacher.config, "num_labels", None)
     if not spec.is_qa and n_labels != spec.num_labels:

@@ -4,8 +4,11 @@
 
 Every run dir under the given dirs (one holding metrics.json and its config in .hydra/config.yaml or config.yaml)
 is read; the rows are grouped by (task, method, ablation, sparsity, split, metric) and averaged over seeds, then set
-beside the paper's numbers. Writes <out>/table.md, <out>/table.csv and one <out>/<task>.png per task. All scores
-are in percent (ours are stored in [0, 1], the paper prints percent); delta = ours - paper, in points.
+beside the paper's numbers. Only runs whose configs differ in the seed alone (and in keys that cannot change a
+result: paths, logger, checkpointing) are averaged: runs of one method that differ in anything else are kept apart,
+one row each, and the `settings` column names the keys that set them apart. Writes <out>/table.md, <out>/table.csv
+and one <out>/<task>.png per task. All scores are in percent (ours are stored in [0, 1], the paper prints percent);
+delta = ours - paper, in points.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from cap.errors import UserError
+from cap.recipes import nominal_sparsity
 from cap.tracking import ablation_labels, has_wandb_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +32,13 @@ PAPER_METRICS = {"acc": "accuracy", "F1": "f1", "EM": "exact_match"}
 MOVEMENT = ("cap_m", "cap_soft")
 METHOD_ORDER = ("finetune", "cap_f", "cap_m", "cap_soft")
 KEY = ("task", "method", "ablation", "sparsity", "split", "metric")  # a cell of the paper's tables
-GROUP = (*KEY, "model")  # what seeds are averaged over
+GROUP = (*KEY, "model", "settings")  # what seeds are averaged over
 COLUMNS = (*GROUP, "n", "seeds", "sparsity_measured", "mean", "std", "paper", "delta", "source")
 NOT_METRICS = {"stage", "method", "step", "sparsity", "split"}
+# config keys that cannot change a result: runs differing only in these (and the seed) are averaged together
+NEUTRAL_KEYS = {"seed", "data.dir", "data.cache_dir", "teacher.cache_dir", "trainer.resume", "trainer.keep_checkpoints",
+                "trainer.logging_steps", "trainer.save_steps", "trainer.save_total_limit", "trainer.num_workers"}
+NEUTRAL_PREFIXES = ("logger.", "hydra.")
 
 
 def ablation(cfg: DictConfig) -> str:
@@ -41,15 +49,33 @@ def ablation(cfg: DictConfig) -> str:
     return "full" if method == "finetune" else ",".join(ablation_labels(cfg))
 
 
-def nominal_sparsity(cfg: DictConfig, row: dict) -> float:
-    """The sparsity a run aims at, so seeds group together: CAP-m's 1 - prune.final, CAP-soft's target_sparsity
-    (without one, its measured level to 0.01); the recorded sparsity otherwise (CAP-f steps, 0 for fine-tuning)."""
-    if cfg.method.name == "cap_m":
-        return round(1 - cfg.prune.final, 4)
-    if cfg.method.name == "cap_soft":
-        target = OmegaConf.select(cfg, "prune.target_sparsity")
-        return round(target, 4) if target is not None else round(row["sparsity"], 2)
+def row_sparsity(cfg: DictConfig, row: dict) -> float:
+    """The sparsity a row's run aimed at, so seeds group together: the config's nominal one for CAP-m and CAP-soft
+    (`cap.recipes.nominal_sparsity`; a CAP-soft run without a target: its measured level to 0.01), the recorded one
+    otherwise (each CAP-f step, 0 for fine-tuning)."""
+    if cfg.method.name in MOVEMENT:
+        nominal = nominal_sparsity(cfg)
+        return round(nominal, 4) if nominal is not None else round(row["sparsity"], 2)
     return round(row["sparsity"], 4)
+
+
+def run_settings(cfg: DictConfig) -> dict[str, str]:
+    """The run's config as flat `key: value` text, without the keys that cannot change a result (NEUTRAL_KEYS).
+
+    Read unresolved, as Hydra saved it: `data.seed: ${seed}` is the same setting in every seed of a sweep. Numbers
+    compare as numbers (`11000` = `11000.0`), and a key set to null as a key that is absent (`settings_labels`)."""
+    def number(x):
+        return int(x) if isinstance(x, float) and x.is_integer() else [*map(number, x)] if isinstance(x, list) else x
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flat(value, f"{prefix}{key}.")
+        elif node is not None:
+            yield prefix[:-1], node if isinstance(node, str) else json.dumps(number(node), separators=(",", ":"))
+
+    return {key: value for key, value in flat(OmegaConf.to_container(cfg, resolve=False))
+            if key not in NEUTRAL_KEYS and not key.startswith(NEUTRAL_PREFIXES)}
 
 
 def _finished_runs(root: Path):
@@ -86,14 +112,15 @@ def collect_runs(dirs) -> list[dict]:
                 rows = [r for r in rows if r["stage"] == last]
             label = ablation(cfg)
             model = Path(str(OmegaConf.select(cfg, "model.name_or_path", default="unknown"))).name
+            settings = run_settings(cfg)
             for row in rows:
                 for metric, value in row.items():
                     if metric in NOT_METRICS or metric.startswith("sparsity_") or not isinstance(value, (int, float)):
                         continue
                     records.append({"task": cfg.task.name, "method": cfg.method.name, "ablation": label,
-                                    "sparsity": nominal_sparsity(cfg, row), "split": row["split"], "metric": metric,
+                                    "sparsity": row_sparsity(cfg, row), "split": row["split"], "metric": metric,
                                     "value": float(value), "seed": cfg.seed, "sparsity_measured": row["sparsity"],
-                                    "model": model})
+                                    "model": model, "config": settings, "run": str(config.parent)})
         if not found:
             raise UserError(f"{root}: no finished run (a dir with metrics.json rows and .hydra/config.yaml or "
                             "config.yaml); pass a run dir or a folder above run dirs")
@@ -108,8 +135,30 @@ def _order(row: dict) -> tuple:
     return row["task"], *_series(row["method"], row["ablation"]), *(row[k] for k in GROUP[3:])
 
 
+def settings_labels(records: list[dict]) -> dict[str, str]:
+    """For each run, the settings that set it apart from the other runs of its series (task, method, ablation,
+    model): "" where they all share one config but the seed, else e.g. "data.max_train_samples=64"."""
+    series: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        series.setdefault((r["task"], r["method"], r["ablation"], r["model"]), {})[r["run"]] = r["config"]
+    labels = {}
+    for configs in series.values():
+        keys = set().union(*configs.values())
+        varying = sorted(k for k in keys if len({c.get(k, "null") for c in configs.values()}) > 1)
+        for run, config in configs.items():
+            labels[run] = ",".join(f"{k}={config.get(k, 'null')}" for k in varying)
+    return labels
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Mean and sample std (None for one seed) over seeds, in percent, per (task, method, ablation, sparsity, ...)."""
+    """Mean and sample std (None for one seed) over seeds, in percent, per (task, method, ablation, sparsity, ...):
+    over runs that differ in the seed alone; runs of other settings are rows of their own (`settings`)."""
+    labels = settings_labels(records)
+    records = [{**r, "settings": labels[r["run"]]} for r in records]
+    split = sorted({(r["task"], r["method"], r["ablation"], r["model"]) for r in records if r["settings"]})
+    for task, method, abl, model in split:
+        print(f"note: {task} {method} ({abl}, {model}): runs with different settings are kept apart "
+              "(the `settings` column), not averaged", file=sys.stderr)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
@@ -151,7 +200,7 @@ def load_paper(path) -> dict:
             raise UserError(f"{where}: metric '{e['metric']}': use one of {', '.join(PAPER_METRICS)}")
     model = (doc.get("paper") or {}).get("model", "paper")
     entries = [{**e, "ablation": e.get("ablation", "full"), "metric": PAPER_METRICS[e["metric"]], "model": model,
-                "sparsity": round(float(e["sparsity"]), 4)} for e in cells]
+                "settings": "", "sparsity": round(float(e["sparsity"]), 4)} for e in cells]
     return {"entries": entries, "sources": sources, "retention": retention}
 
 
@@ -186,17 +235,20 @@ def _num(x, fmt=".2f") -> str:
 
 def to_markdown(rows: list[dict], paper: dict) -> str:
     sources = paper["sources"]
-    header = ["task", "method", "ablation", "sparsity", "measured", "split", "metric", "model", "n", "ours (%)",
-              "paper (%)", "delta", "source"]
+    header = ["task", "method", "ablation", "sparsity", "measured", "split", "metric", "model", "settings", "n",
+              "ours (%)", "paper (%)", "delta", "source"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ours = _num(r["mean"]) + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
         cells = [r["task"], r["method"], r["ablation"], f"{r['sparsity']:g}", _num(r["sparsity_measured"], ".3f"),
-                 r["split"], r["metric"], r["model"], r["n"], ours, _num(r["paper"], ".1f"), _num(r["delta"], "+.2f"),
+                 r["split"], r["metric"], r["model"], r["settings"], r["n"], ours, _num(r["paper"], ".1f"),
+                 _num(r["delta"], "+.2f"),
                  f"[{r['source']}]({sources[r['source']]['url']})" if r["source"] else ""]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     notes = ["", ("ours: mean ± sample std over seeds (n runs), percent; delta = ours - paper, in points; sparsity: "
-                  "the run's target (measured: the recorded level); paper cells without a source are not shown.")]
+                  "the run's target (measured: the recorded level); settings: the config keys that set a row's runs "
+                  "apart from other runs of the same method (empty: none; runs are averaged only when their configs "
+                  "differ in the seed alone); paper cells without a source are not shown.")]
     if any(r["split"] == "heldout" for r in rows):
         notes.append("heldout: held-out *train* rows (offline MNLI/QQP, ../shared/data/README.md), set beside the "
                      "paper's dev-set numbers: not the same data.")
@@ -222,21 +274,22 @@ def write_csv(rows: list[dict], path: Path, sources: dict) -> None:
 
 def plot(rows: list[dict], task: str, path: Path) -> Path:
     """Metric vs sparsity for `task`, one panel per (paper split, metric): ours as lines with std error bars, one colour
-    per (method, ablation) and one line style per model, the paper's cells as stars of the same colour."""
+    per (method, ablation, settings) and one line style per model, the paper's cells as stars."""
     from matplotlib.figure import (
         Figure,  # a bare Figure renders PNG with Agg and leaves pyplot's backend alone
     )
 
     rows = [{**r, "panel": (comparable_split(task, r["split"]), r["metric"])} for r in rows if r["task"] == task]
     panels = sorted({r["panel"] for r in rows})
-    series = sorted({(r["method"], r["ablation"]) for r in rows}, key=lambda s: _series(*s))
+    series = sorted({(r["method"], r["ablation"], r["settings"]) for r in rows}, key=lambda s: (*_series(*s[:2]), s[2]))
     models = sorted({r["model"] for r in rows if r["n"]})
     fig = Figure(figsize=(5 * len(panels), 4))
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for i, (method, abl) in enumerate(series):
-            label = method if abl == "full" else f"{method} ({abl})"
-            mine = sorted((r for r in rows if (r["panel"], r["method"], r["ablation"]) == (panel, method, abl)),
-                          key=lambda r: r["sparsity"])
+        starred = set()
+        for i, (method, abl, settings) in enumerate(series):
+            label = (method if abl == "full" else f"{method} ({abl})") + (f" [{settings}]" if settings else "")
+            mine = sorted((r for r in rows if (r["panel"], r["method"], r["ablation"], r["settings"])
+                           == (panel, method, abl, settings)), key=lambda r: r["sparsity"])
             for j, model in enumerate(models):
                 ours = [r for r in mine if r["mean"] is not None and r["model"] == model]
                 if ours:
@@ -244,9 +297,10 @@ def plot(rows: list[dict], task: str, path: Path) -> Path:
                                 linestyle=("-", "--", ":", "-.")[j % 4], yerr=[r["std"] or 0 for r in ours],
                                 capsize=3, label=f"ours: {label}" + (f", {model}" if len(models) > 1 else ""))
             theirs = [r for r in mine if r["paper"] is not None]
-            if theirs:
+            if theirs and (method, abl) not in starred:  # one set of stars per method and ablation
+                starred.add((method, abl))
                 ax.scatter([r["sparsity"] for r in theirs], [r["paper"] for r in theirs], color=f"C{i}", marker="*",
-                           s=160, edgecolors="black", zorder=3, label=f"paper: {label}")
+                           s=160, edgecolors="black", zorder=3, label=f"paper: {label.split(' [')[0]}")
         ours = sorted({r["split"] for r in rows if r["panel"] == panel and r["n"]} - {panel[0]})
         ax.set(xlabel="sparsity", ylabel=f"{panel[1]} (%)",
                title=f"{task} {panel[0]}" + (f" (ours: {', '.join(ours)})" if ours else ""))

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cap.data.tasks import get_task
 from cap.io import process_rank
+from cap.recipes import nominal_sparsity
 
 
 def has_wandb_key() -> bool:
@@ -83,19 +84,12 @@ def run_tags(cfg: DictConfig) -> list[str]:
     """W&B tags from the config: task:<name>, method:<name>, sparsity:<final target> (or tau:/lambda: for CAP-soft
     without a target), ablation:<label> (one tag per component switched off; `full` when none; none for finetune)
     and seed:<n>. Sparsity is the fraction pruned at the end: the last CAP-f step, 1 - the CAP-m keep fraction."""
-    method, p = cfg.method.name, cfg.get("prune")
+    method, nominal = cfg.method.name, nominal_sparsity(cfg)
     tags = [f"task:{cfg.task.name}", f"method:{method}"]
-    if method == "cap_f":
-        tags.append(f"sparsity:{_number(p.sequence[-1])}")
-    elif method == "cap_m":
-        tags.append(f"sparsity:{_number(1 - p.final)}")
-    elif method == "cap_soft":
-        if p.get("target_sparsity") is not None:
-            tags.append(f"sparsity:{_number(p.target_sparsity)}")
-        else:  # the sparsity follows from λ and is only known at the end (spec §5.3)
-            tags += [f"tau:{_number(p.final)}", f"lambda:{_number(p.final_lambda)}"]
-    else:
-        tags.append("sparsity:0")
+    if nominal is not None:
+        tags.append(f"sparsity:{_number(nominal)}")
+    else:  # CAP-soft steered by λ alone: its sparsity is only known at the end (spec §5.3)
+        tags += [f"tau:{_number(cfg.prune.final)}", f"lambda:{_number(cfg.prune.final_lambda)}"]
     if method != "finetune":
         tags += [f"ablation:{label}" for label in ablation_labels(cfg)]
     tags.append(f"seed:{cfg.seed}")

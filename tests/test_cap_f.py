@@ -1,5 +1,7 @@
 """CAP-f end to end on a tiny model and a slice of SST-2: stages, banks, metrics per sparsity, resume."""
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -29,6 +31,32 @@ def test_cap_f_three_steps(tiny_model_dir, sst2_teacher_dir, tmp_path):
     assert snc["vectors"].shape[:2] == (16, 2)  # snapshots after 25 % and 50 %: the current level is never in SnC
     prc = load_file(str(tmp_path / "stages" / "0.25" / "selected" / "prc.safetensors"))["vectors"]
     assert torch.equal(prc, load_file(str(tmp_path / "stages" / "0.75" / "selected" / "prc.safetensors"))["vectors"])
+    for stage in ("0.25", "0.5", "0.75"):
+        check_folded_stage(tmp_path / "stages" / stage)
+    # finished stages keep no Trainer checkpoints; the run's model/ is the last stage's, sharing its files
+    assert not list(tmp_path.glob("stages/*/checkpoints")) and not list(tmp_path.glob("stages/*/.checkpoints*"))
+    last = tmp_path / "stages" / "0.75" / "model"
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == sorted(p.name for p in last.iterdir())
+    assert all(os.path.samefile(p, last / p.name) for p in (tmp_path / "model").iterdir())
+
+
+def check_folded_stage(stage):
+    """`from_pretrained` on a stage's model gives the masked model's logits: the live model at the stage's end
+    (the folded model with its zeroed rows put back) with the mask hooks."""
+    from transformers import AutoModelForSequenceClassification
+
+    from cap.pruning import StructuredMasks
+
+    folded = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
+    masked = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
+    masks = StructuredMasks(**load_file(str(stage / "masks.safetensors")))
+    zeroed = load_file(str(stage / "masked_weights.safetensors"))
+    assert any(t.abs().sum() > 0 for t in zeroed.values())  # the live model's masked rows are not 0
+    masks.unfold(masked, zeroed)
+    masks.apply(masked)
+    ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (folded(input_ids=ids).logits - masked(input_ids=ids).logits).abs().max() <= 1e-6
 
 
 def test_cap_f_resumes_a_killed_stage(tiny_model_dir, sst2_teacher_dir, tmp_path):
@@ -69,8 +97,24 @@ def test_without_teacher_path_a_teacher_is_fine_tuned_once_and_cached(tiny_model
     assert "fine-tuning a teacher" in capsys.readouterr().out
     (teacher,) = (tmp_path / "teachers").iterdir()
     assert (teacher / "model" / "config.json").exists()
+    assert sorted(p.name for p in teacher.iterdir()) == ["metrics.json", "model"]  # its checkpoints deleted
     run(composed(overrides), tmp_path / "b")
     assert "fine-tuning a teacher" not in capsys.readouterr().out
+
+
+def test_keep_checkpoints_keeps_them_and_a_finished_run_says_so(tiny_model_dir, tmp_path, capsys):
+    overrides = [*tiny_overrides(tiny_model_dir, "sst2"), "method=cap_f", "prune.sequence=[0.5]",
+                 "contrast.extra_examples=8", f"teacher.cache_dir={tmp_path / 'teachers'}",
+                 "trainer.keep_checkpoints=true"]
+    rows = run(composed(overrides), tmp_path / "run")
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    for folder in (teacher, tmp_path / "run" / "stages" / "0.5"):
+        assert list(folder.glob("checkpoints/checkpoint-*/optimizer.pt"))
+    assert "already finished" not in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "run" / "model")  # as a kill before it was published leaves the run
+    assert run(composed(overrides), tmp_path / "run") == rows
+    assert capsys.readouterr().out.count(f"already finished: {tmp_path / 'run'}") == 1
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
 def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_model_dir, sst2_teacher_dir, tmp_path):

@@ -25,6 +25,7 @@ def test_cap_m_prunes_to_the_final_keep_fraction(tiny_model_dir, sst2_teacher_di
     rows = run(composed(movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", "prune.final=0.1")), tmp_path)
     assert [r["stage"] for r in rows] == [1, 2, 3]  # one evaluation per epoch, at the final level
     assert all(abs(r["sparsity_entries"] - 0.9) < 0.01 for r in rows)
+    assert not any("warnings" in r for r in rows)  # Top-K lands on its nominal sparsity
     snc = load_file(str(tmp_path / "banks" / "snc.safetensors"))["vectors"]
     assert snc.shape[:2] == (32, EPOCHS - 1)  # snapshots at the start of epochs 1 and 2
     dense = load_file(str(tmp_path / "model" / "model.safetensors"))
@@ -47,12 +48,14 @@ def test_cap_soft_logs_lambda_and_the_sparsity(tiny_model_dir, sst2_teacher_dir,
 def test_cap_soft_target_controller_logs_and_checkpoints_its_state(tiny_model_dir, sst2_teacher_dir, tmp_path):
     overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.target_sparsity=0.6",
                                    "prune.final_lambda=1", "prune.score_lr=0.1", "data.max_train_samples=64",
-                                   "trainer.batch_size=4", "trainer.warmup=4", "contrast.enabled=false")
+                                   "trainer.batch_size=4", "trainer.warmup=4", "contrast.enabled=false",
+                                   "trainer.keep_checkpoints=true")
     # 64 sentences teach the random tiny model nothing, so its scores cross the cut as one block: the run misses the
     # target (landing is tested in test_movement.py) and says so
     with pytest.warns(UserWarning, match=r"prune.target_sparsity=0.6: the run ended at .* points"):
         rows = run(composed(overrides), tmp_path)
     assert 0 < rows[-1]["sparsity_entries"] < 1
+    assert rows[-1]["warnings"][0].startswith("prune.target_sparsity=0.6: the run ended at")  # also in metrics.json
     checkpoints = sorted((tmp_path / "checkpoints").glob("checkpoint-*"))
     assert checkpoints and all((c / "sparsity_controller.safetensors").is_file() for c in checkpoints)
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
@@ -64,7 +67,7 @@ def test_movement_resumes_with_the_same_masks(tiny_model_dir, sst2_teacher_dir, 
     import shutil
 
     overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", "prune.final=0.3",
-                                   "trainer.save_total_limit=null")
+                                   "trainer.save_total_limit=null", "trainer.keep_checkpoints=true")
     full = tmp_path / "full"
     run(composed(overrides), full)
     # the state a kill after the first epoch leaves: its checkpoint, its banks, its metrics row
@@ -89,3 +92,55 @@ def test_impossible_levels_are_refused(tiny_model_dir, sst2_teacher_dir, tmp_pat
     with pytest.raises(UserError):
         run(composed(movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", override)), tmp_path)
 
+
+
+@pytest.mark.parametrize("teacher", ["given", "fine-tuned first"])
+def test_a_schedule_that_cannot_fit_is_refused_before_anything_is_trained(tiny_model_dir, sst2_teacher_dir, tmp_path,
+                                                                          monkeypatch, teacher):
+    # `python -m cap method=cap_m trainer.epochs=2`: the paper's W = 11000 for QQP against 2 x 4 updates
+    from cap.trainer import CAPTrainer
+
+    def train(self, *args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(CAPTrainer, "train", train)
+    overrides = [*movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m"), "trainer.epochs=2",
+                 "trainer.warmup=11000", "prune.initial_warmup=2", "prune.final_warmup=3",
+                 f"teacher.cache_dir={tmp_path / 'teachers'}"]
+    if teacher != "given":
+        overrides.append("teacher.path=null")
+    with pytest.raises(UserError) as err:
+        run(composed(overrides), tmp_path / "run")
+    for part in ("prune.initial_warmup·W = 2·11000 = 22000 updates", "only 8 updates (2 epochs of 4)",
+                 "pruning would never start", "trainer.warmup=0.1"):
+        assert part in str(err.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "teachers").exists()
+
+
+def test_cap_soft_that_prunes_nothing_says_so_in_the_log_and_in_metrics(tiny_model_dir, sst2_teacher_dir, tmp_path,
+                                                                         capsys):
+    # the default score lr (0.01) moves the scores ~0.1 in 12 updates: none falls below logit(0.1) = -2.2
+    overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft")
+    with pytest.warns(UserWarning, match=r"ended at 0.0000 sparsity: it pruned \(almost\) nothing.*score_lr=0.01"):
+        rows = run(composed(overrides), tmp_path)
+    assert rows[-1]["sparsity_entries"] == 0.0
+    assert [bool(r.get("warnings")) for r in rows] == [False, False, True]  # on the final epoch's rows
+    (warning,) = rows[-1]["warnings"]
+    assert "pruned (almost) nothing" in warning
+    assert f"run dir: {tmp_path}\n" in capsys.readouterr().out
+    run(composed(overrides), tmp_path)
+    out = capsys.readouterr().out
+    assert out.startswith(f"already finished: {tmp_path}") and f"  warning: {warning}\n" in out
+
+
+def test_off_nominal_sparsity_warnings():
+    from omegaconf import OmegaConf
+
+    from cap.recipes.movement import sparsity_warning
+
+    cap_m = OmegaConf.create({"method": {"name": "cap_m"}, "prune": {"final": 0.1}})
+    assert sparsity_warning(cap_m, 0.9004, None) is None  # int(0.1·1024) of a tiny 32x32 matrix kept
+    assert "-5.00 points from the nominal 0.9" in sparsity_warning(cap_m, 0.85, None)
+    soft = OmegaConf.create({"method": {"name": "cap_soft"},
+                             "prune": {"final": 0.1, "final_lambda": 190, "score_lr": 0.01, "target_sparsity": None}})
+    assert sparsity_warning(soft, 0.3, None) is None  # no target: anything but (almost) nothing is what λ gave
+    assert "pruned (almost) nothing" in sparsity_warning(soft, 0.004, None)

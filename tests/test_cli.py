@@ -34,6 +34,7 @@ def test_help_lists_the_config_groups():
     for group in ("task:", "model:", "method:", "trainer:", "logger:"):
         assert group in out.stdout
     assert "sst2" in out.stdout and "squad" in out.stdout
+    assert "trainer.batch_size=32" in out.stdout  # and the keys (tests/test_config.py)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -59,8 +60,10 @@ def test_finetune_every_task_on_a_slice(task, data_dir, tiny_model_dir, tmp_path
 
 def test_unknown_task_is_a_one_line_error(tmp_path):
     out = cli("task=nope", f"hydra.run.dir={tmp_path}/run")
-    assert out.returncode != 0
-    assert "nope" in out.stderr
+    assert out.returncode == 2
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("error: task=nope: no such option; choose one of cola, ") and "sst2" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_errors_leave_no_run_dir(data_dir, tiny_model_dir, tmp_path):
@@ -71,6 +74,13 @@ def test_bad_input_errors_leave_no_run_dir(data_dir, tiny_model_dir, tmp_path):
     assert not run_dir.exists()
     out = cli("model.name_or_path=/no/such/model", f"hydra.run.dir={run_dir}")
     assert out.returncode == 2 and "model.name_or_path" in out.stderr and not run_dir.exists()
+
+
+def test_a_refused_run_leaves_no_empty_folders_behind(data_dir, tmp_path):
+    """runs/<task>/<method>/ made for the refused run go with it (cwd: an empty folder)."""
+    out = cli("method=cap_m", "trainer.epochs=2", f"data.dir={data_dir}", cwd=tmp_path)  # the paper's W: no fit
+    assert out.returncode == 2 and "does not fit the run" in out.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_data_dir_split_and_kd_without_teacher(data_dir, tiny_model_dir, tmp_path):

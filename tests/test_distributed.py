@@ -107,7 +107,8 @@ def updates_and_epochs(checkpoints: Path) -> tuple[int, float]:
 
 @needs_gloo
 def test_cap_f_on_two_processes_prunes_like_one(dropout_free_model_dir, sst2_teacher_dir, data_dir, tmp_path):
-    extra = ["method=cap_f", "prune.sequence=[0.25,0.5]", "prune.importance_batch_size=4"]  # 4 batches: 2 per rank
+    extra = ["method=cap_f", "prune.sequence=[0.25,0.5]", "prune.importance_batch_size=4",  # 4 batches: 2 per rank
+             "trainer.keep_checkpoints=true"]
     (one,) = launch(1, tmp_path / "out1", tmp_path / "one",
                     overrides(dropout_free_model_dir, sst2_teacher_dir, data_dir, 8, *extra))
     rank0, rank1 = launch(2, tmp_path / "out2", tmp_path / "two",
@@ -133,7 +134,7 @@ def test_cap_f_on_two_processes_prunes_like_one(dropout_free_model_dir, sst2_tea
 @needs_gloo
 def test_cap_m_on_two_processes_prunes_like_one(dropout_free_model_dir, sst2_teacher_dir, data_dir, tmp_path):
     extra = ["method=cap_m", "trainer.max_steps=-1", "trainer.epochs=2", "trainer.warmup=1", "prune.initial_warmup=0",
-             "prune.final_warmup=1", "prune.final=0.5"]  # 4 updates, the final level from the last one
+             "prune.final_warmup=1", "prune.final=0.5", "trainer.keep_checkpoints=true"]  # 4 updates, final at the last
     (one,) = launch(1, tmp_path / "out1", tmp_path / "one",
                     overrides(dropout_free_model_dir, sst2_teacher_dir, data_dir, 8, *extra))
     rank0, rank1 = launch(2, tmp_path / "out2", tmp_path / "two",

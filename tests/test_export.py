@@ -60,3 +60,14 @@ def test_cli_exports_a_stage_and_names_the_finished_ones(tmp_path, capsys):
     assert out == tmp_path / "export" / "0.5" and (out / "cap_export.json").exists()
     with pytest.raises(SystemExit, match="finished stages: 0.5"):
         main([str(tmp_path), "--stage", "0.9"])
+
+
+def test_a_folded_model_exports_to_the_same_weights(tmp_path):
+    """CAP-f saves its stages folded (masked rows zeroed): the export drops those rows, so nothing changes."""
+    head_mask, ffn_mask = random_masks()
+    plain, folded = tiny(BertForSequenceClassification), tiny(BertForSequenceClassification)
+    assert any(t.abs().sum() > 0 for t in StructuredMasks(head_mask, ffn_mask).fold(folded).values())
+    for model, out in ((plain, tmp_path / "plain"), (folded, tmp_path / "folded")):
+        export_pruned(model, head_mask, ffn_mask, out)
+    expected = load_pruned(tmp_path / "plain").state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in load_pruned(tmp_path / "folded").state_dict().items())

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from cap.pruning.movement import (SparsityController, MovementScores, lambda_schedule, threshold_mask,
+from cap.errors import UserError
+from cap.pruning.movement import (SparsityController, MovementScores, lambda_schedule, schedule_phases, threshold_mask,
                                   threshold_schedule, topk_mask)
 
 
@@ -89,6 +90,74 @@ def test_schedule_matches_the_worked_qqp_table():
     got = [threshold_schedule((e + 1) * 11371, total_steps=113710, warmup_steps=11000, initial=1.0, final=0.03,
                               initial_warmup=2, final_warmup=3) for e in range(9)]
     assert [round(v, 3) for v in got] == expected
+
+
+def test_schedule_phases_count_the_updates_of_each_branch():
+    # QQP (spec §5.4): updates 0..22000 dense, the last 3·11000 - 1 at the final level, the ramp between
+    assert schedule_phases(total_steps=113710, warmup_steps=11000, initial_warmup=2, final_warmup=3) == (
+        22001, 58710, 32999)
+    for T, W, iw, fw in [(12, 1, 1, 1), (4, 1, 0, 1), (100, 30, 2, 3), (5, 11000, 2, 3), (7, 2, 0.5, 0), (1, 0, 0, 0)]:
+        kw = dict(total_steps=T, warmup_steps=W, initial_warmup=iw, final_warmup=fw)
+        branches = ["initial" if s <= iw * W else "final" if s > T - fw * W else "ramp" for s in range(T)]
+        assert schedule_phases(**kw) == tuple(branches.count(b) for b in ("initial", "ramp", "final"))
+        levels = [threshold_schedule(s, initial=1.0, final=0.1, **kw) for s in range(T)]
+        initial, ramp, _ = schedule_phases(**kw)
+        assert levels[:initial] == [1.0] * initial and all(0.1 <= v < 1 for v in levels[initial:initial + ramp])
+
+
+def schedule_cfg(warmup, epochs=2, max_steps=-1, initial_warmup=2, final_warmup=3):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"trainer": {"warmup": warmup, "epochs": epochs, "max_steps": max_steps},
+                             "prune": {"initial_warmup": initial_warmup, "final_warmup": final_warmup}})
+
+
+def test_a_schedule_that_never_prunes_is_refused_with_its_numbers():
+    from cap.recipes.movement import check_schedule
+
+    # `method=cap_m trainer.epochs=2` on SST-2: 2 x 2105 updates, the paper's W = 11000 for QQP
+    with pytest.raises(UserError) as err:
+        check_schedule(schedule_cfg(11000), 4210, 11000)
+    message = str(err.value)
+    assert "\n" not in message
+    for part in ("prune.initial_warmup·W = 2·11000 = 22000 updates", "4210 updates (2 epochs of 2105)",
+                 "pruning would never start", "W = trainer.warmup = 11000", "trainer.warmup=0.1: W=421"):
+        assert part in message, message
+    with pytest.raises(UserError, match=r"trainer.max_steps=2\)"):
+        check_schedule(schedule_cfg(11000, max_steps=2), 2, 11000)
+
+
+def test_a_schedule_without_a_ramp_is_refused_and_a_short_ramp_warned():
+    from cap.recipes.movement import check_schedule
+
+    # 100 updates, W = 30: 61 dense, the last 89 final -> the level jumps at update 61
+    with pytest.raises(UserError, match=r"none of the run's 100 updates .* jump to the final one at update 61"):
+        check_schedule(schedule_cfg(0.3, epochs=1), 100, 30)
+    warning = check_schedule(schedule_cfg(19, epochs=1), 100, 19)  # 39 dense, 5 on the ramp, 56 final
+    assert "over only 5 of the run's 100 updates (1 epoch of 100), 5 %" in warning
+    assert "trainer.warmup=0.1: W=10" in warning
+    assert check_schedule(schedule_cfg(0.1, epochs=1), 100, 10) is None  # the paper's proportions: a 50 % ramp
+    assert check_schedule(schedule_cfg(1, epochs=1), 12, 1) is None  # the tiny end-to-end tests' schedule
+
+
+def test_every_movement_preset_fits_its_run():
+    from helpers import REPO, composed
+
+    from cap.recipes.movement import check_schedule, planned_updates
+
+    # training features of the paper's data (hub QQP and MNLI; SQuAD windows at 384/128) or the preset's subset
+    sizes = {"qqp": 363846, "mnli": 392702, "squad": 88524}
+    presets = sorted(str(f.relative_to(REPO / "conf" / "experiment"))[:-5]
+                     for f in (REPO / "conf" / "experiment").rglob("*.yaml"))
+    checked = 0
+    for name in presets:
+        cfg = composed([f"experiment={name}"])
+        if cfg.method.name in ("cap_m", "cap_soft"):
+            total, warmup = planned_updates(cfg, cfg.data.max_train_samples or sizes[cfg.task.name], 1)
+            assert check_schedule(cfg, total, warmup) is None, name
+            checked += 1
+    assert checked == 20
+    assert planned_updates(composed(["experiment=paper/cap_m/qqp_90"]), sizes["qqp"], 1) == (113710, 11000)
 
 
 def test_lambda_ramps_with_the_threshold():

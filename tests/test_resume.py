@@ -62,11 +62,15 @@ def assert_same_cap_f(run_dir, reference):
         expected = load_file(str(reference / "stages" / stage / "masks.safetensors"))
         for name in ("head_mask", "ffn_mask"):
             assert torch.equal(masks[name], expected[name]), (stage, name)
-    # and retraining resumed exactly: the last stage's weights are the same to the bit
-    weights = load_file(str(run_dir / "stages" / stages[-1] / "model" / "model.safetensors"))
-    expected = load_file(str(reference / "stages" / stages[-1] / "model" / "model.safetensors"))
-    for name, tensor in expected.items():
-        assert torch.equal(weights[name], tensor), name
+    # and retraining resumed exactly: the last stage's weights, folded and zeroed, are the same to the bit
+    for name in ("model/model.safetensors", "masked_weights.safetensors"):
+        weights = load_file(str(run_dir / "stages" / stages[-1] / name))
+        expected = load_file(str(reference / "stages" / stages[-1] / name))
+        assert weights.keys() == expected.keys(), name
+        for key, tensor in expected.items():
+            assert torch.equal(weights[key], tensor), (name, key)
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == \
+        (run_dir / "stages" / stages[-1] / "model" / "model.safetensors").read_bytes()
 
 
 def assert_same_cap_m(run_dir, reference):
@@ -94,15 +98,17 @@ def cap_m_args(tiny_model_dir, sst2_teacher_dir):
 
 @pytest.fixture(scope="module")
 def cap_f_reference(tmp_path_factory, cap_f_args):
+    """An uninterrupted run that keeps its checkpoints (the damaged-file test resumes from them)."""
     run_dir = tmp_path_factory.mktemp("cap-f-reference")
-    cli(cap_f_args, run_dir)
+    cli([*cap_f_args, "trainer.keep_checkpoints=true"], run_dir)
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def cap_m_reference(tmp_path_factory, cap_m_args):
+    """An uninterrupted run that keeps its checkpoints (the damaged-file test resumes from them)."""
     run_dir = tmp_path_factory.mktemp("cap-m-reference")
-    cli(cap_m_args, run_dir)
+    cli([*cap_m_args, "trainer.keep_checkpoints=true"], run_dir)
     return run_dir
 
 
@@ -114,19 +120,25 @@ def test_cap_f_killed_at_every_phase_ends_as_an_uninterrupted_run(cap_f_args, ca
         # FiC encoded; stage 0.25 chosen, PrC encoded; its first epoch retrained and checkpointed, the second not
         ("checkpoint_saved", lambda: last_complete_checkpoint(s0 / "checkpoints").endswith("checkpoint-2")
          and not (s0 / "DONE").exists()),
-        # stage 0.25 resumed from checkpoint-2 and finished; stage 0.5's importance computed, nothing of it saved
-        ("importance_done", lambda: (s0 / "DONE").exists() and not (s1 / "selected").exists()),
+        # stage 0.25 resumed from checkpoint-2 and finished; its checkpoints renamed aside, not yet deleted
+        ("removing_checkpoints", lambda: (s0 / "DONE").exists() and not (s0 / "checkpoints").exists()
+         and (s0 / ".checkpoints.deleted" / "checkpoint-4").exists()),
+        # the deletion finished; stage 0.5's importance computed, nothing of it saved
+        ("importance_done", lambda: not list(s0.glob("*checkpoints*")) and not (s1 / "selected").exists()),
         ("selected_saved", lambda: (s1 / "selected" / "snc.safetensors").exists()
          and last_complete_checkpoint(s1 / "checkpoints") is None),
         # stage 0.5 retrained, its model, masks and metrics row written, its DONE marker not
         ("stage_saved", lambda: (s1 / "masks.safetensors").exists() and not (s1 / "DONE").exists()
          and len(read_json(run_dir / "metrics.json")) == 2),
+        # every stage done, the run's model published: the last attempt has nothing left to do
+        ("model_published", lambda: (s1 / "DONE").exists() and (run_dir / "model" / "config.json").exists()),
     ]
     for kill_at, left in chain:
         cli(cap_f_args, run_dir, kill_at)
         assert left(), f"unexpected state after the kill at {kill_at}"
-    cli(cap_f_args, run_dir)
+    assert f"already finished: {run_dir}" in cli(cap_f_args, run_dir).stdout
     assert_same_cap_f(run_dir, cap_f_reference)
+    assert not list(run_dir.glob("stages/*/*checkpoints*"))
 
 
 def test_cap_m_killed_at_every_phase_ends_as_an_uninterrupted_run(cap_m_args, cap_m_reference, tmp_path):
@@ -151,6 +163,7 @@ def test_cap_m_killed_at_every_phase_ends_as_an_uninterrupted_run(cap_m_args, ca
         assert left(), f"unexpected state after the kill at {kill_at}"
     cli(cap_m_args, run_dir)
     assert_same_cap_m(run_dir, cap_m_reference)
+    assert not list(run_dir.glob("*checkpoints*"))  # a finished run keeps no Trainer checkpoints
 
 
 def test_cap_f_reports_and_skips_damaged_files(cap_f_args, cap_f_reference, tmp_path, capsys):

@@ -220,3 +220,58 @@ def test_sparsity_and_state_dict_round_trip():
         restored.apply(model)
     with pytest.raises(ValueError, match="shape"):
         restored.load_state_dict({"head_mask": torch.ones(3, 4), "ffn_mask": torch.ones(2, 64)})
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
+def test_a_folded_model_loads_as_the_masked_model_and_unfolds_to_the_bit(cls, tmp_path):
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    model, inputs = tiny(cls), batch()
+    with torch.no_grad():  # biases start at 0: give them values, so that zeroing them is seen
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = StructuredMasks.from_model(model)
+    masks.head_mask[0] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    masks.head_mask[1, 3] = 0
+    masks.ffn_mask[0, :40] = 0
+    masks.ffn_mask[1, 1::2] = 0
+    masks.apply(model)
+    masked = logits(model, inputs)
+
+    zeroed = masks.fold(model)
+    # per layer: value weight [R, 32] and bias [R], R = masked heads · 8; FFN-in weight [R, 32] and bias [R]
+    assert zeroed["bert.encoder.layer.0.attention.self.value.weight"].shape == (2 * HEAD_DIM, HIDDEN)
+    assert zeroed["bert.encoder.layer.1.attention.self.value.bias"].shape == (HEAD_DIM,)
+    assert zeroed["bert.encoder.layer.0.intermediate.dense.weight"].shape == (40, HIDDEN)
+    assert zeroed["bert.encoder.layer.1.intermediate.dense.bias"].shape == (32,)
+    assert all(t.abs().sum() > 0 for t in zeroed.values())
+    assert torch.equal(logits(model, inputs), masked)  # folding under the hooks changes nothing
+    masks.remove()
+    model.save_pretrained(tmp_path)
+    auto = AutoModelForQuestionAnswering if cls is BertForQuestionAnswering else AutoModelForSequenceClassification
+    stock = auto.from_pretrained(tmp_path).eval()  # no hooks, no masks file: the pruned model all the same
+    assert (logits(stock, inputs) - masked).abs().max() <= 1e-6
+
+    masks.unfold(model, zeroed)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in live.items())
+
+
+def test_folding_zeroes_the_importance_of_masked_units_only():
+    """Why CAP-f folds only the saved copy: the live model's masked units keep an importance, as in the original,
+    and it counts in the per-layer normalisation (§5.1); folded, it would be 0 and the ranking could change."""
+    model, inputs = tiny(BertForSequenceClassification), batch()
+    masks = StructuredMasks.from_model(model)
+    masks.head_mask[1, 2] = 0
+    masks.ffn_mask[0, :10] = 0
+    unfolded = compute_importance(model, masks, [inputs], ce_loss)
+    zeroed = masks.fold(model)
+    folded = compute_importance(model, masks, [inputs], ce_loss)
+    alive = (masks.head_mask != 0, masks.ffn_mask != 0)
+    for before, after, keep in zip(unfolded, folded, alive):
+        assert torch.equal(before[keep], after[keep]) and (after[~keep] == 0).all() and (before[~keep] > 0).all()
+    kept = masks.head_mask[1] != 0  # layer 1's live heads rank otherwise against the other layer's
+    assert not torch.allclose(normalize_by_layer(unfolded[0])[1, kept], normalize_by_layer(folded[0])[1, kept])
+    masks.unfold(model, zeroed)
+    assert torch.equal(compute_importance(model, masks, [inputs], ce_loss)[0], unfolded[0])

@@ -161,6 +161,16 @@ def threshold_schedule(step: int, *, total_steps: int, warmup_steps: int, initia
     return final + (initial - final) * (1 - progress) ** 3
 
 
+def schedule_phases(*, total_steps: int, warmup_steps: int, initial_warmup: float,
+                    final_warmup: float) -> tuple[int, int, int]:
+    """(initial, ramp, final): how many of the steps 0..T-1 `threshold_schedule` keeps at the initial level, moves
+    along the cubic ramp (the last ramp step may reach the final level) and holds at the final level."""
+    W, T = warmup_steps, total_steps
+    initial = min(T, math.floor(initial_warmup * W) + 1)  # steps s <= initial_warmup·W
+    final = T - min(T, max(math.floor(T - final_warmup * W) + 1, initial))  # steps s > T - final_warmup·W
+    return initial, T - initial - final, final
+
+
 def lambda_schedule(threshold: float, *, final_lambda: float, final: float) -> float:
     """λ_t = final_lambda · τ_t / τ_final (spec §5.3): 0 while τ is 0, final_lambda at the end."""
     return final_lambda * threshold / final if final else 0.0

@@ -126,6 +126,46 @@ class StructuredMasks:
             with torch.no_grad():
                 mask.copy_(state[name])
 
+    def fold(self, model: nn.Module) -> dict[str, Tensor]:
+        """Zero in `model`'s weights what the masks remove, so that the stock model, without hooks, computes what the
+        masked one does: the value rows and bias of each masked head (its values are 0, so its context is 0 whatever
+        the attention probabilities) and the FFN-input row and bias of each masked neuron (act(0) = 0). Query/key
+        rows and the output projections are left alone: they no longer change the output.
+
+        Returns what was zeroed, {parameter name: rows [R, ...]} (R = masked heads · head size, or masked neurons,
+        in row order), on the CPU, for `unfold`."""
+        zeroed = {}
+        with torch.no_grad():
+            for name, param, rows in self._folded_rows(model):
+                rows = rows.to(param.device)
+                zeroed[name] = param[rows].cpu()
+                param[rows] = 0
+        return zeroed
+
+    def unfold(self, model: nn.Module, zeroed: dict[str, Tensor]) -> None:
+        """Put back the rows `fold` returned (with these same masks): the weights as they were before folding."""
+        with torch.no_grad():
+            for name, param, rows in self._folded_rows(model):
+                param[rows.to(param.device)] = zeroed[name].to(param.device, param.dtype)
+
+    def _folded_rows(self, model: nn.Module) -> list[tuple[str, nn.Parameter, Tensor]]:
+        """(parameter name, parameter, masked rows [R]) of every value projection and FFN input, weights and biases."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        targets = []
+        for index, layer in enumerate(encoder_layers(model)):
+            activation = layer.intermediate.intermediate_act_fn
+            if activation(torch.zeros(1)).item() != 0:
+                raise ValueError(f"layer {index}'s FFN activation {activation} is not 0 at 0: zeroed FFN-input rows "
+                                 "would not remove its masked neurons")
+            value = layer.attention.self.value
+            head_size = value.out_features // self.head_mask.size(1)
+            heads = (self.head_mask[index] == 0).nonzero().flatten().cpu()
+            head_rows = (heads[:, None] * head_size + torch.arange(head_size)).flatten()
+            neuron_rows = (self.ffn_mask[index] == 0).nonzero().flatten().cpu()
+            for linear, rows in ((value, head_rows), (layer.intermediate.dense, neuron_rows)):
+                targets += [(names[id(p)], p, rows) for p in (linear.weight, linear.bias) if p is not None]
+        return targets
+
     def sparsity(self) -> dict[str, float]:
         """Fractions removed (spec Q13): `heads`, `ffn_neurons` (units masked) and `encoder_params`.
 

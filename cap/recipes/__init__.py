@@ -4,18 +4,21 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cap.checks import validate
 from cap.data import get_task
 from cap.errors import UserError
+from cap.io import process_rank
 from cap.models import check_prunable
 
 RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
+# metrics.json fields that describe a row rather than measure the model
+ROW_FIELDS = ("stage", "method", "step", "split", "sparsity", "warnings")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    """Run the recipe of `cfg.method.name` in `run_dir`; returns the metrics.json rows.
+    """Run the recipe of `cfg.method.name` in `run_dir`; returns the metrics.json rows and prints where they are.
 
     The config, and whether the model has what the method prunes, are checked first: before a recipe fine-tunes a
     missing teacher or writes anything."""
@@ -24,4 +27,42 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     validate(cfg)
     check_prunable(cfg.model.name_or_path, get_task(cfg.task.name), cfg.method.name)
     recipe = importlib.import_module(f"cap.recipes.{RECIPES[cfg.method.name]}")
-    return recipe.run(cfg, Path(run_dir))
+    rows = recipe.run(cfg, Path(run_dir))
+    if process_rank() == 0:
+        print(summary(run_dir, rows, cfg.method.name))
+    return rows
+
+
+def nominal_sparsity(cfg: DictConfig) -> float | None:
+    """The fraction of weights a config aims to prune, or None when it names none: 0 for fine-tuning, CAP-f's last
+    step of `prune.sequence` (its heads and FFN neurons; each stage aims at its own step), CAP-m's 1 - prune.final
+    (the Top-K keep fraction), CAP-soft's prune.target_sparsity (None without one: it lands where λ takes it)."""
+    method = cfg.method.name
+    if method == "finetune":
+        return 0.0
+    if method == "cap_f":
+        return float(cfg.prune.sequence[-1])
+    if method == "cap_m":
+        return round(1 - float(cfg.prune.final), 6)
+    if method == "cap_soft":
+        target = OmegaConf.select(cfg, "prune.target_sparsity")
+        return None if target is None else float(target)
+    return None
+
+
+def summary(run_dir: Path, rows: list[dict], method: str) -> str:
+    """`run dir: ...` and the final metrics rows, one line each (CAP-f: every stage, one per sparsity; the others:
+    the last stage), with the warnings recorded on them."""
+    final = rows
+    if rows and method != "cap_f":
+        final = [r for r in rows if r.get("stage") == rows[-1].get("stage")]
+    lines = [f"run dir: {run_dir}"]
+    for row in final:
+        values = " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                          if k not in ROW_FIELDS and not k.startswith("sparsity_") and isinstance(v, float))
+        lines.append(f"  {row.get('split')} (stage {row.get('stage')}, sparsity {row.get('sparsity', 0):.4f}): "
+                     f"{values}")
+        lines += [f"  warning: {w}" for w in row.get("warnings", []) if f"  warning: {w}" not in lines]
+    if not final:
+        lines.append("  no metrics rows")
+    return "\n".join(lines)

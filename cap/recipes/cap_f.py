@@ -2,9 +2,10 @@
 
 For each target sparsity: importance with the current loss -> choose the new heads/neurons -> encode the current
 model (old masks) into PrC (first step) or SnC -> apply the masks -> retrain with a fresh optimizer -> evaluate ->
-save the stage. A killed run resumes at the stage it was in: the selection (masks, banks) is saved before
-retraining, and retraining resumes from its last complete checkpoint; a saved file found damaged is reported and
-the step that wrote it done again."""
+save the stage (its model folded: `from_pretrained` gives the pruned model) and delete its Trainer checkpoints. The
+last stage's model is the run's `model/`. A killed run resumes at the stage it was in: the selection (masks, banks)
+is saved before retraining, and retraining resumes from its last complete checkpoint; a saved file found damaged
+is reported and the step that wrote it done again."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,8 @@ from cap.banks import build_banks, encode_into, load_banks, load_or_encode, rank
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import (CrashPoints, append_metrics, crash_point, first_problem, last_complete_checkpoint, process_rank,
-                    publish_dir, read_json, save_tensors_atomic, write_json_atomic)
+                    publish_dir, publish_linked, read_json, remove_checkpoints, save_tensors_atomic,
+                    write_json_atomic)
 from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
@@ -55,19 +57,23 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     model.to(device)
     load_or_encode("fic", banks, run_dir / "banks", setup.teacher.to(device), data.train, setup.collator, **encode)
 
-    rows = []
+    rows, trained = [], False
     for step, (sparsity, (n_head_target, n_neuron_target)) in enumerate(zip(sequence, targets)):
         stage_dir = run_dir / "stages" / f"{sparsity:g}"
         # every rank sees the same files: rank 0 writes this stage's after collectives (importance, training)
         # that no rank reaches before these checks
         if cfg.trainer.resume and (stage_dir / "DONE").exists():
-            problem = first_problem([stage_dir / "DONE", stage_dir / "masks.safetensors",
-                                     stage_dir / "model" / "model.safetensors", *selection_files(stage_dir, banks)])
+            problem = first_problem([stage_dir / "DONE", *stage_files(stage_dir), *selection_files(stage_dir, banks)])
             if problem is None:
                 restore_stage(stage_dir, model, masks, banks)
                 rows += read_json(stage_dir / "DONE")["rows"]
+                if main_process and not cfg.trainer.keep_checkpoints:
+                    remove_checkpoints(stage_dir / "checkpoints")  # what a kill during the deletion left
                 continue
             print(f"{problem}: redoing stage {sparsity:g}")
+            if main_process:  # until the stage is redone, its files need not belong together
+                (stage_dir / "DONE").unlink()
+        trained = True
         args = training_arguments(cfg, stage_dir / "checkpoints", report_to)
         args.num_train_epochs = cfg.prune.retrain_epochs
         trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
@@ -110,17 +116,22 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         stage_rows = metric_rows(results, stage=step, method="cap_f", sparsity=sparsity, step=trainer.state.global_step,
                                  **{f"sparsity_{k}": round(v, 6) for k, v in masks.sparsity().items()})
         if main_process:
-            model.save_pretrained(stage_dir / "model")
-            setup.tokenizer.save_pretrained(stage_dir / "model")
-            save_tensors_atomic(masks.state_dict(), stage_dir / "masks.safetensors")
+            save_stage(stage_dir, model, masks, setup.tokenizer)
             append_metrics(run_dir, stage_rows)
             crash_point("stage_saved")
             write_json_atomic(stage_dir / "DONE", {"rows": stage_rows})
+            if not cfg.trainer.keep_checkpoints:
+                remove_checkpoints(stage_dir / "checkpoints")
             print(f"sparsity {sparsity:g}: " + ", ".join(f"{r['split']} " + " ".join(
                 f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float) and not k.startswith("sparsity"))
                 for r in stage_rows))
         rows += stage_rows
         trainer.log({f"{r['split']}/{k}": v for r in stage_rows for k, v in r.items() if isinstance(v, float)})
+    if main_process and (trained or not (run_dir / "model" / "model.safetensors").exists()):
+        publish_linked(stage_dir / "model", run_dir / "model")  # the run's model: the last, most pruned stage
+        crash_point("model_published")
+    if not trained:
+        print(f"already finished: {run_dir} (trainer.resume=false starts over)")
     tracking.finish()
     return rows
 
@@ -161,9 +172,31 @@ def selection_files(stage_dir: Path, banks) -> list[Path]:
     return [stage_dir / "selected" / f"{name}.safetensors" for name in ("masks", *banks)]
 
 
+def stage_files(stage_dir: Path) -> list[Path]:
+    """What a finished stage leaves besides `selected/`: the folded model, the weights folding zeroed, the masks."""
+    return [stage_dir / "model" / "model.safetensors", stage_dir / "masked_weights.safetensors",
+            stage_dir / "masks.safetensors"]
+
+
+def save_stage(stage_dir: Path, model, masks, tokenizer) -> None:
+    """Save the stage's model folded: `from_pretrained` on `stage_dir/model` gives the pruned model, no hooks needed.
+
+    The live model stays unfolded, as the original's: the next importance pass sees the masked units' weights
+    (their importance is not 0, and counts in the per-layer normalisation, §5.1). The zeroed rows go to
+    `masked_weights.safetensors`, from which a resumed run restores the live model to the bit."""
+    zeroed = masks.fold(model)
+    tmp = stage_dir / "model.tmp"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    masks.unfold(model, zeroed)
+    publish_dir(tmp, stage_dir / "model")
+    save_tensors_atomic(zeroed, stage_dir / "masked_weights.safetensors")
+    save_tensors_atomic(masks.state_dict(), stage_dir / "masks.safetensors")
+
+
 def restore_stage(stage_dir: Path, model, masks, banks) -> None:
-    """Weights, masks and banks as they were at the end of a finished stage."""
-    state = load_file(str(stage_dir / "model" / "model.safetensors"))
-    model.load_state_dict(state)
+    """Weights (unfolded), masks and banks as they were at the end of a finished stage."""
+    model.load_state_dict(load_file(str(stage_dir / "model" / "model.safetensors")))
     masks.load_state_dict(load_file(str(stage_dir / "masks.safetensors")))
+    masks.unfold(model, load_file(str(stage_dir / "masked_weights.safetensors")))
     load_banks(banks, stage_dir / "selected")

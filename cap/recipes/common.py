@@ -122,11 +122,11 @@ def ensure_teacher(cfg: DictConfig) -> str:
     """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
     if cfg.teacher.path:
         return cfg.teacher.path
-    from cap.recipes import finetune
+    from cap.recipes import finetune, summary
 
     teacher_dir, teacher_cfg = teacher_run(cfg)
     if not (teacher_dir / "model" / finetune.DONE).exists():
         print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
         teacher_dir.mkdir(parents=True, exist_ok=True)
-        finetune.run(teacher_cfg, teacher_dir)
+        print("teacher " + summary(teacher_dir, finetune.run(teacher_cfg, teacher_dir), "finetune"))
     return str(teacher_dir / "model")

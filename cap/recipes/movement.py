@@ -4,10 +4,14 @@ Scores S on the 72 encoder matrices learn with their own optimizer group; the le
 CAP-m, sigmoid threshold for CAP-soft) follows the cubic schedule, set before every update. At the start of
 epoch 0 the (dense) model is encoded into PrC, at the start of every later epoch appended to SnC. Every epoch is
 evaluated at the final level. Epoch checkpoints hold weights, scores, optimizer and schedule position; banks are
-saved beside them, so a killed run resumes."""
+saved beside them, so a killed run resumes.
+
+A schedule that cannot prune within the run's updates is refused before anything is trained (`check_schedule`); a
+run that ends far from the sparsity its config aims at says so, in the log and on its final metrics rows."""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -18,17 +22,23 @@ from transformers import TrainerCallback
 
 from cap import tracking
 from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save_banks
+from cap.data import get_task, read_glue_split
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import (CrashPoints, append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint,
-                    process_rank, publish_dir, read_json, save_tensors_atomic)
-from cap.pruning.movement import MovementScores, SparsityController, lambda_schedule, threshold_schedule
+                    process_rank, publish_dir, read_json, remove_checkpoints, save_tensors_atomic, write_json_atomic)
+from cap.pruning.movement import (MovementScores, SparsityController, lambda_schedule, schedule_phases,
+                                  threshold_schedule)
+from cap.recipes import nominal_sparsity
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
                                 training_arguments)
 from cap.sparse import save_sparse
 from cap.trainer import CAPTrainer
 
 CONTROLLER_FILE = "sparsity_controller.safetensors"
+SHORT_RAMP = 0.1         # a ramp over fewer of the updates is warned about (the paper's QQP schedule ramps over 52 %)
+OFF_NOMINAL = 0.005      # a final sparsity further than this from the nominal one is warned about
+NOTHING_PRUNED = 0.01    # ... and, without a nominal one (CAP-soft without a target), a final sparsity below this
 
 
 def check_levels(p) -> None:
@@ -41,6 +51,100 @@ def check_levels(p) -> None:
         raise UserError(f"prune.criterion={p.criterion}: use topk (CAP-m) or soft (CAP-soft)")
     if p.target_sparsity is not None and (p.criterion != "soft" or not 0 < p.target_sparsity < 1):
         raise UserError("prune.target_sparsity needs prune.criterion=soft (CAP-soft) and a value in (0, 1)")
+
+
+def planned_updates(cfg: DictConfig, n_train: int | None, world_size: int) -> tuple[int, int] | None:
+    """(T, W): the optimizer updates the Trainer runs on `n_train` training features over `world_size` processes,
+    and the schedule's W (trainer.warmup: a fraction of T when < 1, else a number of updates); None when T depends
+    on an unknown `n_train`."""
+    t = cfg.trainer
+    if t.max_steps > 0:
+        total = t.max_steps
+    elif n_train is None:
+        return None
+    else:
+        total = math.ceil(n_train / (t.batch_size * world_size)) * math.ceil(t.epochs)
+    return total, int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
+
+
+def training_rows(cfg: DictConfig) -> int | None:
+    """The number of training features, counted without tokenising: one per GLUE row; None for SQuAD (its windows
+    are known once tokenised) and for a data.max_train_samples that the data loader refuses with its own message."""
+    spec, n = get_task(cfg.task.name), cfg.data.max_train_samples
+    if spec.is_qa or (n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1)):
+        return None
+    rows = len(read_glue_split(cfg.data.dir, spec.name, cfg.data.train_split, split_option="data.train_split"))
+    return rows if n is None else min(n, rows)
+
+
+def check_schedule(cfg: DictConfig, total_steps: int, warmup_steps: int) -> str | None:
+    """UserError when the cubic schedule cannot prune during the run's `total_steps` updates (it would train dense,
+    then be evaluated and saved at the final level), or when it has no ramp (the level would jump to the final one
+    in one update); a warning, returned, when the ramp is short."""
+    p, t = cfg.prune, cfg.trainer
+    initial, ramp, _ = schedule_phases(total_steps=total_steps, warmup_steps=warmup_steps,
+                                       initial_warmup=p.initial_warmup, final_warmup=p.final_warmup)
+    if ramp >= max(SHORT_RAMP * total_steps, 1):
+        return None
+    W = warmup_steps
+    if t.max_steps > 0:
+        updates, longer = f"{total_steps} updates (trainer.max_steps={t.max_steps})", "trainer.max_steps"
+    else:
+        epochs = f"{t.epochs} epoch{'s' if t.epochs != 1 else ''}"
+        updates, longer = f"{total_steps} updates ({epochs} of {total_steps // math.ceil(t.epochs)})", "trainer.epochs"
+    w = f"W = trainer.warmup·T = {t.warmup}·{total_steps} = {W}" if t.warmup < 1 else f"W = trainer.warmup = {W}"
+    phases = (f"prune.initial_warmup·W = {p.initial_warmup}·{W} = {p.initial_warmup * W:g} updates at the initial "
+              f"level and prune.final_warmup·W = {p.final_warmup}·{W} = {p.final_warmup * W:g} at the final one")
+    fix = f"train longer ({longer})"
+    if p.initial_warmup + p.final_warmup > 0:
+        fraction = float(f"{0.5 / (p.initial_warmup + p.final_warmup):.2g}")  # ramps over about half the run
+        fix = (f"give W as a fraction of the updates (trainer.warmup={fraction}: W={int(fraction * total_steps)}), "
+               f"lower prune.initial_warmup / prune.final_warmup, or {fix}")
+    if initial == total_steps:
+        raise UserError(f"the pruning schedule does not fit the run: {phases}, but the run has only {updates}, so "
+                        f"pruning would never start: the model would train dense, then be evaluated and saved at the "
+                        f"final level ({w}). Fix: {fix}")
+    if ramp == 0:
+        raise UserError(f"the pruning schedule does not fit the run: {phases} leave none of the run's {updates} to "
+                        f"the cubic ramp between them: the level would jump to the final one at update {initial} "
+                        f"({w}). Fix: {fix}")
+    return (f"the pruning schedule ramps from the initial to the final level over only {ramp} of the run's "
+            f"{updates}, {100 * ramp / total_steps:.0f} % of them (the paper's QQP schedule: about half), so pruning "
+            f"is nearly one-shot: {phases} ({w}). To ramp longer: {fix}")
+
+
+def sparsity_warning(cfg: DictConfig, measured: float, controller: SparsityController | None) -> str | None:
+    """Why the run's final sparsity (the fraction of the encoder matrices' entries masked) is far from the one its
+    config aims at (`nominal_sparsity`), or None when it is not."""
+    if controller is not None:
+        return controller.missed(measured)
+    p, nominal = cfg.prune, nominal_sparsity(cfg)
+    if nominal is None:
+        if measured >= NOTHING_PRUNED:
+            return None
+        return (f"the run ended at {measured:.4f} sparsity: it pruned (almost) nothing. CAP-soft prunes a weight "
+                f"once its score falls below logit(prune.final={p.final}), pushed by λ "
+                f"(prune.final_lambda={p.final_lambda}) at a pace that the scores' learning rate "
+                f"(prune.score_lr={p.score_lr}) bounds: raise them or trainer.epochs, or set prune.target_sparsity to "
+                "have λ steered there")
+    if abs(measured - nominal) <= OFF_NOMINAL:
+        return None
+    return (f"the run ended at {measured:.4f} sparsity, {100 * (measured - nominal):+.2f} points from the nominal "
+            f"{nominal:g} (1 - prune.final): Top-K keeps int(prune.final·size) entries of every matrix, so only very "
+            "small matrices round this far")
+
+
+def record_warnings(run_dir: Path, notes: list[str]) -> None:
+    """Put `notes` on the metrics.json rows of the last evaluated epoch (`warnings`): the results say how a run
+    went wrong, not only the log."""
+    path = run_dir / "metrics.json"
+    rows = read_json(path, [])
+    if not rows:
+        return
+    for row in rows:
+        if row.get("stage") == rows[-1].get("stage"):
+            row["warnings"] = notes
+    write_json_atomic(path, rows)
 
 
 class MovementSchedule(TrainerCallback):
@@ -130,19 +234,27 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     check_levels(p)
     model_dir = run_dir / "model"
     if cfg.trainer.resume and (model_dir / "config.json").exists() and (run_dir / "sparse").exists():
-        print(f"{run_dir} already holds a finished run (trainer.resume=false starts over)")
+        print(f"already finished: {run_dir} (trainer.resume=false starts over)")
+        if process_rank() == 0 and not cfg.trainer.keep_checkpoints:  # finishes a deletion that a kill cut short
+            remove_checkpoints(run_dir / "checkpoints")
         return read_json(run_dir / "metrics.json", [])
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not cfg.teacher.path:  # a teacher is fine-tuned first: refuse a schedule that cannot fit before that
+        planned = planned_updates(cfg, None, world_size) or planned_updates(cfg, training_rows(cfg), world_size)
+        if planned:
+            check_schedule(cfg, *planned)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data = setup.model, setup.data
+    short_ramp = check_schedule(cfg, *planned_updates(cfg, len(data.train), world_size))
+    notes = [short_ramp] if short_ramp else []  # also written onto the final metrics rows
+    if short_ramp:
+        warnings.warn(short_ramp, stacklevel=1)
     scores = MovementScores.attach(model, p.criterion)
     labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
     banks = build_banks(cfg, len(data.train), model.config.hidden_size, labels, max(cfg.trainer.epochs - 1, 0))
     report_to = tracking.start(cfg, run_dir)
     args = training_arguments(cfg, run_dir / "checkpoints", report_to)
-    steps_per_epoch = math.ceil(len(data.train) / (args.per_device_train_batch_size * args.world_size
-                                                   * args.gradient_accumulation_steps))
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * math.ceil(args.num_train_epochs)
-    warmup_steps = int(cfg.trainer.warmup * total_steps) if cfg.trainer.warmup < 1 else int(cfg.trainer.warmup)
+    total_steps, warmup_steps = planned_updates(cfg, len(data.train), args.world_size)
     controller = None
     if p.target_sparsity is not None:
         controller = SparsityController(p.target_sparsity, p.final_lambda, p.final, total_steps)
@@ -178,8 +290,11 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
 
     # fold the scores into hard zeros at the final level: a stock model, saved dense and compact
     scores.set_level(p.final)
-    if controller is not None and (miss := controller.missed(scores.sparsity()["entries"])):
+    if miss := sparsity_warning(cfg, scores.sparsity()["entries"], controller):
         warnings.warn(miss, stacklevel=1)
+        notes.append(miss)
+    if notes and process_rank() == 0:
+        record_warnings(run_dir, notes)
     scores.fold()
     if process_rank() == 0:
         tmp = run_dir / "model.tmp"
@@ -189,5 +304,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         crash_point("model_published")
         save_sparse(model, run_dir / "sparse.tmp", tokenizer=setup.tokenizer)
         publish_dir(run_dir / "sparse.tmp", run_dir / "sparse")
+        if not cfg.trainer.keep_checkpoints:
+            remove_checkpoints(run_dir / "checkpoints")
     tracking.finish()
     return read_json(run_dir / "metrics.json", [])
