@@ -42,7 +42,7 @@ def validate(cfg: DictConfig) -> None:
     if not (math.isfinite(warmup) and warmup >= 0 and (warmup < 1 or warmup == int(warmup))):
         raise UserError(f"trainer.warmup={warmup}: use a fraction of the updates in [0, 1) or a whole number of "
                         "updates")
-    _one_of(cfg, "contrast.pooling", POOLINGS)
+    _one_of(cfg, "contrast.pooling", (*POOLINGS, "auto"))
     _one_of(cfg, "contrast.normalization", NORMALIZATIONS)
 
 

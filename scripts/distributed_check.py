@@ -36,9 +36,9 @@ def record_into(record: dict) -> None:
         return vectors
 
     def choose_units(*args, **kwargs):
-        new = choose(*args, **kwargs)
+        new, importance = choose(*args, **kwargs)
         record["selections"].append({k: v.clone() for k, v in new.items()})
-        return new
+        return new, importance
 
     def draw_extra_idx(n_items, n_reps, extra_examples, generator):
         record["draw_seeds"].append(generator.initial_seed())

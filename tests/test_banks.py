@@ -2,6 +2,7 @@
 three banks lowers the contrastive terms."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -115,3 +116,75 @@ def test_training_with_three_banks_lowers_the_contrastive_terms(tokenizer, tmp_p
     # the student starts as the pre-trained model itself, so PrC starts near its optimum; the others must fall
     for term in ("loss_fic", "loss_snc"):
         assert logged[-1][term] < logged[0][term], (term, [r[term] for r in logged])
+
+
+def test_the_gradient_balance_is_logged_and_changes_no_update(tokenizer, tmp_path):
+    """grad_norm_task / grad_norm_contrast / grad_cosine at every logging step; the weights trained are the same
+    to the bit as when nothing is logged (autograd.grad leaves .grad and the RNG alone)."""
+    data, collator = toy_dataset(n=32), DataCollatorWithPadding(tokenizer)
+    labels = torch.tensor(data["labels"])
+
+    def train(logging_steps):
+        student = diverse_classifier(0)
+        bank = RepresentationBank(32, 32, max_reps=1, labels=labels)
+        encode_into(bank, diverse_classifier(1), data, collator)
+        logged = []
+
+        class Capture(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                logged.append(dict(logs))
+
+        args = TrainingArguments(output_dir=str(tmp_path / str(logging_steps)), per_device_train_batch_size=8,
+                                 max_steps=4, learning_rate=1e-3, logging_steps=logging_steps, report_to=[],
+                                 remove_unused_columns=False, save_strategy="no", disable_tqdm=True, seed=0)
+        CAPTrainer(model=student, args=args, train_dataset=data, data_collator=collator,
+                   weights=LossWeights(ce=0.1), banks={"fic": bank},
+                   contrast=Contrast(unsup_weight=1.0, sup_weight=1.0, extra_examples=8),
+                   callbacks=[Capture()]).train()
+        return student, [r for r in logged if "loss" in r]
+
+    every, logs = train(logging_steps=2)
+    never, _ = train(logging_steps=100)
+    assert len(logs) == 2 and all(r["grad_norm_task"] > 0 and r["grad_norm_contrast"] > 0 for r in logs)
+    assert all(-1 <= r["grad_cosine"] <= 1 for r in logs)
+    assert all(torch.equal(a, b) for a, b in zip(every.state_dict().values(), never.state_dict().values()))
+
+
+def test_gradient_balance_is_the_norms_and_cosine_of_the_two_gradients():
+    from cap.losses import gradient_balance
+
+    p = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 2.0, 0.0])
+    out = gradient_balance((p * a).sum(), (p * (a + b)).sum(), [p])
+    assert out["grad_norm_task"] == pytest.approx(5.0) and out["grad_norm_contrast"] == pytest.approx(29 ** 0.5)
+    assert out["grad_cosine"] == pytest.approx(25 / (5 * 29 ** 0.5)) and p.grad is None
+
+
+def test_fixed_extra_ids_replace_the_draws(tokenizer, tmp_path):
+    from cap.contrastive import contrastive_loss
+
+    data, collator = toy_dataset(n=32), DataCollatorWithPadding(tokenizer)
+    bank = RepresentationBank(32, 32, max_reps=1, labels=torch.tensor(data["labels"]))
+    encode_into(bank, diverse_classifier(1), data, collator)
+    fixed = torch.tensor([3, 17, 29])
+
+    def terms(draw_seed, fixed_extra_idx):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], remove_unused_columns=False, seed=0)
+        trainer = CAPTrainer(model=diverse_classifier(0), args=args, weights=LossWeights(ce=0.1),
+                             banks={"fic": bank}, contrast=Contrast(extra_examples=8), draw_seed=draw_seed,
+                             fixed_extra_idx=fixed_extra_idx)
+        trainer.model.eval()  # no dropout: the same representation in every call
+        batch = collator([data[i] for i in range(8)])
+        with torch.no_grad():
+            value = trainer.loss_terms(trainer.model, batch, contrast=True)[0]["fic"]
+            rep = trainer.tap.representation(batch["attention_mask"])
+        return value, rep, batch
+
+    a, rep, batch = terms(1, {"fic": fixed})
+    assert torch.equal(a, terms(2, {"fic": fixed})[0])  # the draw seed no longer matters
+    assert not torch.equal(terms(1, None)[0], terms(2, None)[0])  # ... as it does with draws
+    c = Contrast(extra_examples=8)
+    expected = contrastive_loss(rep, bank.view(), batch["idx"], fixed, temperature=c.temperature,
+                                unsup_weight=c.unsup_weight, sup_weight=c.sup_weight, labels=batch["labels"],
+                                bank_labels=bank.labels, normalization=c.normalization)
+    assert torch.allclose(a, expected)

@@ -33,6 +33,13 @@ def test_cap_f_three_steps(tiny_model_dir, sst2_teacher_dir, tmp_path):
     assert torch.equal(prc, load_file(str(tmp_path / "stages" / "0.75" / "selected" / "prc.safetensors"))["vectors"])
     for stage in ("0.25", "0.5", "0.75"):
         check_folded_stage(tmp_path / "stages" / stage)
+    # the importance each selection was made by is kept beside it: the new neurons are the least important
+    before = load_file(str(tmp_path / "stages" / "0.25" / "masks.safetensors"))["ffn_mask"].bool()
+    after = load_file(str(tmp_path / "stages" / "0.5" / "masks.safetensors"))["ffn_mask"].bool()
+    importance = load_file(str(tmp_path / "stages" / "0.5" / "selected" / "importance.safetensors"))
+    assert importance["head_importance"].shape == (2, 4) and importance["ffn_importance"].shape == (2, 64)
+    new = before & ~after
+    assert int(new.sum()) == 32 and importance["ffn_importance"][new].max() <= importance["ffn_importance"][after].min()
     # finished stages keep no Trainer checkpoints; the run's model/ is the last stage's, sharing its files
     assert not list(tmp_path.glob("stages/*/checkpoints")) and not list(tmp_path.glob("stages/*/.checkpoints*"))
     last = tmp_path / "stages" / "0.75" / "model"

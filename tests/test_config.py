@@ -188,8 +188,11 @@ def test_the_data_node_and_the_teacher_cache_key_are_those_of_before_the_schema(
     cfg = composed(["experiment=quickstart"])
     assert OmegaConf.to_container(cfg.data, resolve=True) == {
         "dir": None, "train_split": "train", "eval_split": ["validation"], "max_train_samples": 2000, "seed": 42,
-        "max_eval_samples": None, "max_seq_length": 128, "doc_stride": 128, "max_query_length": 64, "cache_dir": None}
+        "max_eval_samples": None, "max_seq_length": 128, "doc_stride": 128, "max_query_length": 64, "cache_dir": None,
+        "validation_from_train": None}
     assert teacher_run(cfg)[0].name == "sst2-30807f1467"  # the hash of the untyped config's values
+    held_out = composed(["experiment=quickstart", "data.validation_from_train=0.1"])
+    assert teacher_run(held_out)[0].name != "sst2-30807f1467"  # a teacher that saw other rows
 
 
 # ------------------------------------------------------------------------------------------------- run-dir names

@@ -342,6 +342,31 @@ def test_subsample_is_seeded_ordered_and_renumbered(data_dir):
     assert subsample(ds, None, 0) is ds and subsample(ds, len(ds), 0) is ds and subsample(ds, 10**9, 0) is ds
 
 
+def test_validation_from_train_is_a_seeded_disjoint_split_the_training_set_never_sees(data_dir, tokenizer):
+    from cap.data.common import carve
+
+    ds = read_glue_split(data_dir, "cola", "train")
+    rest, held = carve(ds, 0.1, seed=3)
+    assert len(held) == round(0.1 * len(ds)) and len(rest) + len(held) == len(ds)
+    assert set(rest["source_idx"][:]).isdisjoint(held["idx"][:]) and rest["idx"][:] == list(range(len(rest)))
+    assert carve(ds, 0.1, seed=3)[1]["idx"][:] == held["idx"][:] != carve(ds, 0.1, seed=4)[1]["idx"][:]
+    assert len(carve(ds, 50, seed=3)[1]) == 50  # a count
+    for bad in (0.0, len(ds)):
+        with pytest.raises(DataError, match="data.validation_from_train"):
+            carve(ds, bad, seed=3)
+
+    data = load_task_data("sst2", tokenizer, data_dir=data_dir, eval_splits=["trainval", "validation"],
+                          max_train_samples=200, max_eval_samples=40, seed=3, validation_from_train=0.05)
+    pool = read_glue_split(data_dir, "sst2", "train")
+    rest, held = carve(pool, 0.05, seed=3)
+    assert len(data.train) == 200 and len(data.evals["trainval"]) == 40
+    assert set(data.eval_examples["trainval"]["sentence"]) <= set(held["sentence"])  # real training rows, labelled
+    train = subsample(rest, 200, 3)  # the training subset is drawn from what is left
+    assert data.train["labels"][:] == train["label"][:] and set(train["sentence"]).isdisjoint(held["sentence"])
+    with pytest.raises(DataError, match="data.validation_from_train"):
+        load_task_data("sst2", tokenizer, data_dir=data_dir, eval_splits=["trainval"], max_train_samples=20)
+
+
 # ---------------------------------------------------------------------------------------------- load_task_data
 
 def test_load_task_data_glue(data_dir, tokenizer, tmp_path):

@@ -74,3 +74,23 @@ def test_weights_missing_from_the_encoder_are_still_reported(tiny_model_dir, tmp
     (report,) = [m for m in library_log if "LOAD REPORT" in m]
     assert "bert.encoder.layer.0.attention.self.query.weight" in report and "MISSING" in report
     assert "a new sst2 head" not in capfd.readouterr().out
+
+
+def test_pooling_auto_reads_the_checkpoints_sentence_transformers_pooling(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from cap.models import resolve_pooling, sentence_pooling
+
+    assert sentence_pooling("minilm") == "mean"  # all-MiniLM-L6-v2 was trained as a mean-pooling embedder
+    assert resolve_pooling("auto", "minilm") == "mean" and resolve_pooling("cls", "minilm") == "cls"
+    assert sentence_pooling(str(tiny_model_dir)) is None and resolve_pooling("auto", str(tiny_model_dir)) == "cls"
+    cls_model = tmp_path / "cls-model"
+    shutil.copytree(tiny_model_dir, cls_model)
+    (cls_model / "modules.json").write_text(json.dumps([{"idx": 1, "path": "1_Pooling",
+                                                         "type": "sentence_transformers.models.Pooling"}]))
+    (cls_model / "1_Pooling").mkdir()
+    (cls_model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert resolve_pooling("auto", str(cls_model)) == "cls" == sentence_pooling(str(cls_model))
+    (cls_model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    assert sentence_pooling(str(cls_model)) is None  # no tap for max pooling: the paper's pooler output

@@ -5,8 +5,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from cap.errors import UserError
-from cap.pruning.movement import (SparsityController, MovementScores, lambda_schedule, schedule_phases, threshold_mask,
-                                  threshold_schedule, topk_mask)
+from cap.pruning.movement import (MovementScores, SparsityController, lambda_schedule, prunable_linears,
+                                  schedule_phases, threshold_mask, threshold_schedule, topk_mask)
 
 
 def tiny(seed=0):
@@ -48,9 +48,15 @@ def test_scores_get_straight_through_gradients():
 def test_param_groups_split_weights_from_scores():
     model = tiny()
     scores = MovementScores.attach(model, "topk")
-    weights, own = scores.param_groups(lr=3e-5, weight_decay=0.01, score_lr=1e-2)
+    weights, no_decay, own = scores.param_groups(lr=3e-5, weight_decay=0.01, score_lr=1e-2)
     assert (own["lr"], own["weight_decay"], weights["lr"], weights["weight_decay"]) == (1e-2, 0.0, 3e-5, 0.01)
-    ids = [id(p) for g in (weights, own) for p in g["params"]]
+    assert (no_decay["lr"], no_decay["weight_decay"]) == (3e-5, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # biases and LayerNorm weights get no weight decay, as in the original and the Hugging Face Trainer
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values()
+                                                          if n.endswith("bias") or "LayerNorm" in n}
+    assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in weights["params"])
+    ids = [id(p) for g in (weights, no_decay, own) for p in g["params"]]
     # every trainable parameter in exactly one group, the 12 score matrices (2 layers x 6) in their own
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(own["params"]) == 12
     assert {id(p) for p in own["params"]} == {id(s) for s in scores.score_parameters()}
@@ -242,3 +248,22 @@ def test_controller_says_when_the_run_missed_its_target():
     c = SparsityController(target=0.6, initial_lambda=1, final_threshold=0.1, total_steps=10)
     assert c.missed(0.604) is None
     assert "-1.20 points" in c.missed(0.588) and "prune.score_lr" in c.missed(0.588)
+
+
+def test_magnitude_criterion_keeps_the_largest_weights_and_learns_no_scores():
+    model = tiny()
+    originals = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model)}
+    scores = MovementScores.attach(model, "magnitude")
+    scores.set_level(0.3)
+    for name, mask in scores.masks().items():
+        w = originals[name].abs()
+        k = int(0.3 * w.numel())
+        assert int(mask.sum()) == k and w[mask].min() >= w[~mask].max()  # the k largest |W| of the matrix
+    ids = torch.randint(0, 100, (4, 8))
+    model.train()
+    model(input_ids=ids).logits.sum().backward()
+    for name, linear in prunable_linears(model):
+        weight = linear.parametrizations.weight
+        assert weight[0].scores.grad is None  # nothing flows to the scores
+        assert (weight.original.grad[~scores.masks()[name]] == 0).all()  # nor to the removed weights
+    assert scores.sparsity()["entries"] == pytest.approx(0.7, abs=0.01)

@@ -62,6 +62,7 @@ def by_key(rows, **key):
     ("cap_m", {"contrast": {"prc": False, "snc": False}}, "-PrC,-SnC"),
     ("cap_m", {"contrast": {"fic": False, "pooling": "mean"}}, "-FiC,pool=mean"),
     ("cap_soft", {"contrast": {"sup_weight": 0.0}, "kd": {"weight": 0}}, "-sup,-KD"),
+    ("cap_m", {"contrast": {"enabled": False}, "prune": {"criterion": "magnitude"}}, "baseline,magnitude"),
     ("cap_f", {"contrast": {"unsup_weight": 0, "normalization": "per_anchor"}}, "-unsup,norm=per_anchor"),
     ("cap_m", {"task": {"name": "squad"}, "contrast": {"sup_weight": 0}}, "full"),  # QA has no supervised term
     ("finetune", {"contrast": {"enabled": False}, "kd": {"weight": 0.0}}, "full"),  # the dense run's own defaults

@@ -1,5 +1,5 @@
 """scripts/oneshot_masks.py on the tiny SST-2 teacher: what its masks keep (read back from its JSON), and the
-movement scores it learns."""
+movement scores it learns; scripts/scale_report.py on fake run dirs."""
 import argparse
 import importlib.util
 import json
@@ -13,15 +13,15 @@ from cap.pruning.movement import PRUNED_MODULES, prunable_linears
 from helpers import REPO
 
 
-def oneshot_masks():
-    spec = importlib.util.spec_from_file_location("oneshot_masks", REPO / "scripts" / "oneshot_masks.py")
+def script_module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
 
 
 def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
-    script = oneshot_masks()
+    script = script_module("oneshot_masks")
     out = tmp_path / "oneshot.json"
     script.main([str(sst2_teacher_dir), "--task", "sst2", "--data-dir", str(data_dir), "--keep", "1.0", "0.5", "0.0",
                  "--movement-updates", "2", "--max-train-samples", "16", "--batch-size", "8",
@@ -53,7 +53,7 @@ def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
 
 
 def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
-    script = oneshot_masks()
+    script = script_module("oneshot_masks")
     tokenizer = AutoTokenizer.from_pretrained(sst2_teacher_dir)
     train = load_task_data("sst2", tokenizer, data_dir=data_dir, max_train_samples=16).train
     args = argparse.Namespace(movement_updates=3, score_lr=0.1, lr=3e-5, batch_size=8, seed=0)
@@ -67,3 +67,28 @@ def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
     moved = torch.cat([s.flatten() for s in first.values()])
     assert 0 < moved.abs().max() <= 0.45 and (moved != 0).float().mean() > 0.5
     assert all(torch.equal(first[n], again[n]) for n in first)
+
+
+def test_scale_report_pairs_cap_f_with_its_baseline_per_size_sparsity_and_seed(tmp_path):
+    import csv
+
+    from test_report import cap_f_rows, fake_run
+
+    runs = tmp_path / "runs"
+    accuracies = {(1000, 1): (0.70, 0.60, 0.78, 0.74), (1000, 2): (0.72, 0.62, 0.76, 0.70),
+                  (8000, 1): (0.80, 0.78, 0.79, 0.75)}  # CAP-f 50/90 %, then the baseline's
+    for (size, seed), (f50, f90, b50, b90) in accuracies.items():
+        common = {"data": {"max_train_samples": size}, "trainer": {"batch_size": 16}, "prune": {"retrain_epochs": 2}}
+        fake_run(runs / f"f{size}-{seed}", "sst2", "cap_f", seed, cap_f_rows(f50, f90), **common)
+        fake_run(runs / f"b{size}-{seed}", "sst2", "cap_f", seed, cap_f_rows(b50, b90),
+                 contrast={"enabled": False}, **common)
+    out = script_module("scale_report").main([str(runs), "--out", str(tmp_path / "out")])
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and set(rows[0]) >= {"train_samples", "updates_per_step", "seed", "gap"}
+    row = next(r for r in rows if (r["train_samples"], r["sparsity"], r["seed"]) == ("1000", "0.9", "2"))
+    assert (row["updates_per_step"], float(row["gap"])) == ("126", -8.0)  # ceil(1000 / 16) * 2; 62 - 70
+    gap = (out / "gap.md").read_text()
+    assert "| 1000 | 126 | 0.5 | 2 | 71.00 ± 1.41 | 77.00 ± 1.41 | -6.00 ± 2.83 |" in gap
+    assert "| 8000 | 1000 | 0.9 | 1 | 78.00 | 75.00 | +3.00 |" in gap
+    assert (out / "gap.png").read_bytes()[:4] == b"\x89PNG"

@@ -209,6 +209,24 @@ def with_position_idx(ds: datasets.Dataset, column: str = "idx") -> datasets.Dat
     return ds.add_column(column, np.arange(len(ds), dtype=np.int32), feature=datasets.Value("int32"))
 
 
+def carve(ds: datasets.Dataset, size: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, carved): a seeded random `size` of the rows (a fraction of them if < 1, else a count) split off `ds`,
+    both kept in their original order and disjoint. `rest` is renumbered like a subsample (`source_idx` keeps the
+    original ids); `carved` keeps its rows' ids."""
+    n = int(round(size * len(ds))) if size < 1 else int(size)
+    if not 0 < n < len(ds):
+        raise DataError(f"data.validation_from_train={size}: gives {n} of the {len(ds)} training rows; use a "
+                        f"fraction in (0, 1) or a count in [1, {len(ds) - 1}]")
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(ds), dtype=bool)
+    held[rng.choice(len(ds), size=n, replace=False)] = True
+    rest = ds.select(np.flatnonzero(~held))
+    if "idx" in rest.column_names:
+        rest = with_position_idx(rest.rename_column("idx", "source_idx") if "source_idx" not in rest.column_names
+                                 else rest)
+    return rest, ds.select(np.flatnonzero(held))
+
+
 def subsample(ds: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
     """A seeded random choice of `n` rows kept in their original order; `ds` itself if n is None or >= len(ds).
 

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import datasets
 
-from cap.data.common import subsample
+from cap.data.common import carve, subsample
 from cap.data.glue import read_glue_split, tokenize_glue
 from cap.data.squad import check_window, read_squad_split, tokenize_squad
 from cap.data.tasks import DataError, TaskSpec, get_task
+
+
+CARVED_SPLIT = "trainval"  # the eval split that data.validation_from_train carves from the training set
 
 
 @dataclass
@@ -42,11 +45,14 @@ def _check_count(name: str, value) -> int | None:
 def load_task_data(task: str, tokenizer, *, data_dir: str | Path | None = None, train_split: str = "train",
                    eval_splits=None, max_seq_length: int = 128, max_train_samples: int | None = None,
                    max_eval_samples: int | None = None, seed: int = 42, doc_stride: int = 128,
-                   max_query_length: int = 64, cache_dir: str | Path | None = None) -> TaskData:
+                   max_query_length: int = 64, cache_dir: str | Path | None = None,
+                   validation_from_train: float | None = None) -> TaskData:
     """Read, subsample (seeded; before tokenising, so for SQuAD whole questions are drawn) and tokenise a task.
 
     data_dir None reads the hub; otherwise a local copy (glue/<TASK>/..., squad/...). Training features get
-    idx = 0..n-1 (their position in the training set, after subsampling)."""
+    idx = 0..n-1 (their position in the training set, after subsampling). `validation_from_train` (a fraction of
+    the training rows, or a count) holds a seeded part of the training set out before anything is subsampled from
+    it: the eval split `trainval`, for choosing settings without looking at the dev set."""
     spec = get_task(task)
     splits = eval_split_list(eval_splits, spec)
     max_train_samples = _check_count("data.max_train_samples", max_train_samples)
@@ -70,8 +76,18 @@ def load_task_data(task: str, tokenizer, *, data_dir: str | Path | None = None, 
         return tokenize_glue(ds, tokenizer, spec, max_seq_length, cache_dir=cache_dir)
 
     # read every split before the (slow) tokenising, so that a missing split fails at once
-    raw_train = subsample(read(train_split, "data.train_split"), max_train_samples, seed)
-    raw_evals = {s: subsample(read(s, "data.eval_split"), max_eval_samples, seed) for s in splits}
+    raw_train = read(train_split, "data.train_split")
+    carved = None
+    if validation_from_train is not None:
+        raw_train, carved = carve(raw_train, validation_from_train, seed)
+        print(f"eval split {CARVED_SPLIT}: {len(carved)} training rows held out (data.validation_from_train="
+              f"{validation_from_train}, seed {seed}); the other {len(raw_train)} are the training pool")
+    elif CARVED_SPLIT in splits:
+        raise DataError(f"data.eval_split={CARVED_SPLIT} is carved from the training set: set "
+                        "data.validation_from_train (e.g. 0.1 of the training rows)")
+    raw_train = subsample(raw_train, max_train_samples, seed)
+    raw_evals = {s: subsample(carved if s == CARVED_SPLIT else read(s, "data.eval_split"), max_eval_samples, seed)
+                 for s in splits}
     train = tokenize(raw_train, train=True)
     evals = {s: tokenize(ds, train=False) for s, ds in raw_evals.items()}
     return TaskData(spec=spec, train=train, evals=evals, eval_examples=raw_evals)

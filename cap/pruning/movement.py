@@ -58,8 +58,22 @@ def threshold_mask(scores: Tensor, threshold: float) -> Tensor:
     return _Threshold.apply(scores, threshold)
 
 
+CRITERIA = ("topk", "soft", "magnitude")  # prune.criterion
+
+
+def criterion_mask(criterion: str, scores: Tensor, weight: Tensor, level: float) -> Tensor:
+    """The mask of one matrix: Top-K of the scores (CAP-m) or of |W| (magnitude pruning, the baseline of the
+    paper's tables: the same schedule, no scores learned), or the soft threshold on the scores (CAP-soft)."""
+    if criterion == "topk":
+        return topk_mask(scores, level)
+    if criterion == "magnitude":
+        return topk_mask(weight.detach().abs(), level)
+    return threshold_mask(scores, level)
+
+
 class MaskedWeight(nn.Module):
-    """The parametrization W -> M(S) ⊙ W of one matrix; S [out, in] is this module's parameter."""
+    """The parametrization W -> M(S) ⊙ W of one matrix; S [out, in] is this module's parameter (unused, and never
+    updated, by the magnitude criterion)."""
 
     def __init__(self, shape, state: "MovementScores", init: float):
         super().__init__()
@@ -68,8 +82,7 @@ class MaskedWeight(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         state = self._state[0]
-        binarize = topk_mask if state.criterion == "topk" else threshold_mask
-        return weight * binarize(self.scores, state.level).to(weight.dtype)
+        return weight * criterion_mask(state.criterion, self.scores, weight, state.level).to(weight.dtype)
 
 
 def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -88,10 +101,10 @@ class MovementScores:
     """Scores on all prunable matrices of `model` and the current level (keep fraction ρ or threshold τ)."""
 
     def __init__(self, model: nn.Module, criterion: str, init: float = 0.0):
-        if criterion not in ("topk", "soft"):
-            raise ValueError(f"criterion={criterion!r}: use topk or soft")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion={criterion!r}: use one of {', '.join(CRITERIA)}")
         self.model, self.criterion = model, criterion
-        self.level = 1.0 if criterion == "topk" else 0.0
+        self.level = 0.0 if criterion == "soft" else 1.0
         self.linears = prunable_linears(model)
         for _, linear in self.linears:
             parametrize.register_parametrization(linear, "weight", MaskedWeight(linear.weight.shape, self, init))
@@ -110,16 +123,21 @@ class MovementScores:
         return [p[0].scores for _, p in self._weights()]
 
     def param_groups(self, *, lr: float, weight_decay: float, score_lr: float) -> list[dict]:
-        """Optimizer groups: the model's trainable weights, then the scores (own lr, no weight decay; spec §5.2)."""
+        """Optimizer groups: the model's trainable weights with weight decay, its biases and LayerNorm weights
+        without (as the original and the Hugging Face Trainer), then the scores (own lr, no weight decay; spec
+        §5.2), always last."""
         own = {id(s) for s in self.score_parameters()}
+        no_decay = {id(p) for m in self.model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        no_decay |= {id(p) for name, p in self.model.named_parameters() if name.endswith("bias")}
         weights = [w for w in self.model.parameters() if id(w) not in own and w.requires_grad]
-        return [{"params": weights, "lr": lr, "weight_decay": weight_decay},
+        return [{"params": [w for w in weights if id(w) not in no_decay], "lr": lr, "weight_decay": weight_decay},
+                {"params": [w for w in weights if id(w) in no_decay], "lr": lr, "weight_decay": 0.0},
                 {"params": self.score_parameters(), "lr": score_lr, "weight_decay": 0.0}]
 
     @torch.no_grad()
     def masks(self) -> dict[str, Tensor]:
-        binarize = topk_mask if self.criterion == "topk" else threshold_mask
-        return {name: binarize(p[0].scores, self.level).bool() for name, p in self._weights()}
+        return {name: criterion_mask(self.criterion, p[0].scores, p.original, self.level).bool()
+                for name, p in self._weights()}
 
     def regularization(self) -> Tensor:
         """R_L1 = mean over matrices of Σ sigmoid(S) / numel (spec §5.3)."""

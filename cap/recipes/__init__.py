@@ -10,7 +10,7 @@ from cap.checks import validate
 from cap.data import get_task
 from cap.errors import UserError
 from cap.io import process_rank
-from cap.models import check_prunable
+from cap.models import check_prunable, resolve_pooling
 
 RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
 # metrics.json fields that describe a row rather than measure the model
@@ -26,6 +26,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         raise UserError(f"unknown method '{cfg.method.name}': choose one of {', '.join(RECIPES)}")
     validate(cfg)
     check_prunable(cfg.model.name_or_path, get_task(cfg.task.name), cfg.method.name)
+    if cfg.contrast.pooling == "auto":
+        cfg.contrast.pooling = resolve_pooling("auto", cfg.model.name_or_path)
+        print(f"contrast.pooling=auto: {cfg.contrast.pooling} (the checkpoint's own sentence representation)")
     recipe = importlib.import_module(f"cap.recipes.{RECIPES[cfg.method.name]}")
     rows = recipe.run(cfg, Path(run_dir))
     if process_rank() == 0:

@@ -93,7 +93,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
             # subsets seeded per step: the same on every rank, and a resumed run draws what an uninterrupted one did;
             # a forked RNG: a resumed stage loads its selection, and must then train as if it had made it
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                new = choose_units(cfg, trainer, model, masks, data.train, setup.collator,
+                new, importance = choose_units(cfg, trainer, model, masks, data.train, setup.collator,
                                    torch.Generator().manual_seed(cfg.seed + step), n_head_target, n_neuron_target,
                                    contrast=step > 0)
             crash_point("importance_done")
@@ -107,6 +107,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
                 tmp = stage_dir / "selected.tmp"
                 save_banks(banks, tmp)
                 save_file(masks.state_dict(), str(tmp / "masks.safetensors"))
+                save_file(importance, str(tmp / "importance.safetensors"))  # for users who look at it; not resumed
                 publish_dir(tmp, selected)
             crash_point("selected_saved")
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(stage_dir / "checkpoints")
@@ -137,7 +138,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
 
 
 def choose_units(cfg, trainer, model, masks, train, collator, generator, n_head_target, n_neuron_target, contrast):
-    """New masks: first-order importance with the full current loss (eval mode), normalised per layer (§5.1)."""
+    """(new masks, the importance they were chosen by): first-order importance with the full current loss (eval
+    mode), normalised per layer when `prune.normalize_by_layer` (§5.1); `head_importance` [L, A], `ffn_importance`
+    [L, F], on the CPU."""
     p = cfg.prune
     rows = list(range(len(train)))
     if p.importance_fraction < 1:
@@ -164,7 +167,8 @@ def choose_units(cfg, trainer, model, masks, train, collator, generator, n_head_
                              min_heads_per_layer=p.min_heads_per_layer, legacy_floor=p.legacy_head_floor)
     new_ffn = select_neurons(ffn_imp, ffn_mask, n_neuron_target - int((ffn_mask == 0).sum()),
                              min_per_layer=p.min_ffn_per_layer)
-    return {"head_mask": new_heads.cpu(), "ffn_mask": new_ffn.cpu()}
+    importance = {"head_importance": head_imp.detach().cpu(), "ffn_importance": ffn_imp.detach().cpu()}
+    return {"head_mask": new_heads.cpu(), "ffn_mask": new_ffn.cpu()}, importance
 
 
 def selection_files(stage_dir: Path, banks) -> list[Path]:

@@ -37,6 +37,7 @@ def prepare(cfg: DictConfig, *, teacher_path: str | None = None) -> Setup:
         max_seq_length=cfg.data.max_seq_length, max_train_samples=cfg.data.max_train_samples,
         max_eval_samples=cfg.data.max_eval_samples, seed=cfg.data.seed, doc_stride=cfg.data.doc_stride,
         max_query_length=cfg.data.max_query_length, cache_dir=cfg.data.cache_dir,
+        validation_from_train=cfg.data.validation_from_train,
     )
     model = build_model(cfg.model.name_or_path, spec)
     teacher_path = teacher_path or cfg.teacher.path
@@ -114,6 +115,8 @@ def teacher_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
     settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": teacher_cfg.seed,
                 "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": teacher_cfg.trainer.batch_size,
                 "data": OmegaConf.to_container(teacher_cfg.data, resolve=True)}
+    if settings["data"]["validation_from_train"] is None:  # a key added later: unset, it keeps the older caches' keys
+        del settings["data"]["validation_from_train"]
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}", teacher_cfg
 

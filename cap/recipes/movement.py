@@ -27,7 +27,7 @@ from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import (CrashPoints, append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint,
                     process_rank, publish_dir, read_json, remove_checkpoints, save_tensors_atomic, write_json_atomic)
-from cap.pruning.movement import (MovementScores, SparsityController, lambda_schedule, schedule_phases,
+from cap.pruning.movement import (CRITERIA, MovementScores, SparsityController, lambda_schedule, schedule_phases,
                                   threshold_schedule)
 from cap.recipes import nominal_sparsity
 from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
@@ -42,13 +42,13 @@ NOTHING_PRUNED = 0.01    # ... and, without a nominal one (CAP-soft without a ta
 
 
 def check_levels(p) -> None:
-    if p.criterion == "topk" and not (0 < p.final <= p.initial <= 1):
+    if p.criterion in ("topk", "magnitude") and not (0 < p.final <= p.initial <= 1):
         raise UserError(f"prune.final={p.final}: the Top-K keep fraction must satisfy 0 < final <= initial "
                         f"({p.initial}) <= 1 (0.1 keeps 10 %, i.e. 90 % sparsity)")
     if p.criterion == "soft" and not (0 <= p.initial <= p.final < 1):
         raise UserError(f"prune.final={p.final}: the soft threshold must satisfy 0 <= initial <= final < 1")
-    if p.criterion not in ("topk", "soft"):
-        raise UserError(f"prune.criterion={p.criterion}: use topk (CAP-m) or soft (CAP-soft)")
+    if p.criterion not in CRITERIA:
+        raise UserError(f"prune.criterion={p.criterion}: use topk (CAP-m), soft (CAP-soft) or magnitude (Top-K of |W|)")
     if p.target_sparsity is not None and (p.criterion != "soft" or not 0 < p.target_sparsity < 1):
         raise UserError("prune.target_sparsity needs prune.criterion=soft (CAP-soft) and a value in (0, 1)")
 

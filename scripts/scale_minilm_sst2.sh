@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The scale study committed under results/minilm-sst2-scale/ (issue #15): CAP-f vs the plain first-order baseline
+# (contrast.enabled=false) on MiniLM/SST-2 as the training set grows, with the paper's 2 retraining epochs per step
+# and 3 steps (50/70/90 %): preset minilm/sst2_reproduction with prune.retrain_epochs=2, one teacher per size (data
+# subset and teacher pinned to seed 42, so a size's seeds share both), the full dev set. Groups run smallest first,
+# seed 1 of every size before the other seeds; re-running the script resumes where it stopped. Then the runs'
+# metrics.json and configs are copied to results/minilm-sst2-scale/runs/ and the tables and plots rebuilt:
+# cap.report's table.md/table.csv (one row per size: the `settings` column) and scripts/scale_report.py's
+# gap.csv/gap.md/gap.png (CAP-f minus baseline per seed vs updates per pruning step).
+# Usage: scripts/scale_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-scale] [--report-only]
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$repo/multiruns/minilm-sst2-scale report_only=false
+for arg in "$@"; do
+    if [[ "$arg" == --report-only ]]; then report_only=true; else work=$arg; fi
+done
+mkdir -p "$work" && work=$(cd "$work" && pwd)
+export CAP_DATA_DIR="${CAP_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
+out=$repo/results/minilm-sst2-scale
+# run from the work dir: the teachers are cached under $work/runs/teachers
+run() {
+    (cd "$work" && python -m cap -m experiment=minilm/sst2_reproduction prune.retrain_epochs=2 \
+        hydra.sweep.dir="$work/sweeps/$1" "${@:2}")
+}
+if ! $report_only; then
+    run seed1 data.max_train_samples=1000,2000,8000 seed=1 contrast.enabled=true,false
+    run seeds23 data.max_train_samples=1000,2000 seed=2,3 contrast.enabled=true,false
+    run seeds23-8k data.max_train_samples=8000 seed=2,3 contrast.enabled=true,false
+    run seed1-16k data.max_train_samples=16000 seed=1 contrast.enabled=true,false
+fi
+rm -rf "$out/runs"
+(cd "$work/sweeps" && find . -name metrics.json -printf '%h\n') | sort | while read -r dir; do
+    mkdir -p "$out/runs/$dir"
+    cp "$work/sweeps/$dir/metrics.json" "$work/sweeps/$dir/.hydra/config.yaml" "$out/runs/$dir/"
+done
+cd "$repo"
+python -m cap.report "$out/runs" --out "$out"
+python scripts/scale_report.py "$out/runs" --out "$out"
