@@ -42,6 +42,8 @@ def gradient_balance(task: torch.Tensor, contrast: torch.Tensor, params) -> dict
     params = list(params)
 
     def flat(loss):
+        if not loss.requires_grad:  # e.g. every contrastive weight 0: a term that pulls on nothing
+            return torch.cat([torch.zeros_like(p).reshape(-1).float() for p in params])
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])
 

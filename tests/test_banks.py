@@ -158,6 +158,8 @@ def test_gradient_balance_is_the_norms_and_cosine_of_the_two_gradients():
     out = gradient_balance((p * a).sum(), (p * (a + b)).sum(), [p])
     assert out["grad_norm_task"] == pytest.approx(5.0) and out["grad_norm_contrast"] == pytest.approx(29 ** 0.5)
     assert out["grad_cosine"] == pytest.approx(25 / (5 * 29 ** 0.5)) and p.grad is None
+    still = gradient_balance((p * a).sum(), torch.tensor(0.0), [p])  # a term with no graph (its weights are 0)
+    assert (still["grad_norm_contrast"], still["grad_cosine"]) == (0.0, 0.0)
 
 
 def test_fixed_extra_ids_replace_the_draws(tokenizer, tmp_path):

@@ -94,8 +94,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
             # a forked RNG: a resumed stage loads its selection, and must then train as if it had made it
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 new, importance = choose_units(cfg, trainer, model, masks, data.train, setup.collator,
-                                   torch.Generator().manual_seed(cfg.seed + step), n_head_target, n_neuron_target,
-                                   contrast=step > 0)
+                                               torch.Generator().manual_seed(cfg.seed + step), n_head_target,
+                                               n_neuron_target, contrast=step > 0)
             crash_point("importance_done")
             # the current model, before the new masks, becomes PrC (first step) or the next SnC snapshot (§4)
             name = "prc" if step == 0 else "snc"
