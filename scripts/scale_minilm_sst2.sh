@@ -3,10 +3,11 @@
 # (contrast.enabled=false) on MiniLM/SST-2 as the training set grows, with the paper's 2 retraining epochs per step
 # and 3 steps (50/70/90 %): preset minilm/sst2_reproduction with prune.retrain_epochs=2, one teacher per size (data
 # subset and teacher pinned to seed 42, so a size's seeds share both), the full dev set. Groups run smallest first,
-# seed 1 of every size before the other seeds; re-running the script resumes where it stopped. Then the runs'
-# metrics.json and configs are copied to results/minilm-sst2-scale/runs/ and the tables and plots rebuilt:
-# cap.report's table.md/table.csv (one row per size: the `settings` column) and scripts/scale_report.py's
-# gap.csv/gap.md/gap.png (CAP-f minus baseline per seed vs updates per pruning step).
+# seed 1 of every size before the other seeds; re-running the script resumes where it stopped. Then the finished
+# runs' metrics.json and configs are copied to results/minilm-sst2-scale/runs/ and the tables and plots rebuilt:
+# cap.report's report/table.md, report/table.csv, report/sst2.png (one row per size: the `settings` column) and
+# scripts/scale_report.py's table.csv (per seed, with train_samples), gap.md and gap.png (CAP-f minus baseline vs
+# updates per pruning step).
 # Usage: scripts/scale_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-scale] [--report-only]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,9 +31,10 @@ if ! $report_only; then
 fi
 rm -rf "$out/runs"
 (cd "$work/sweeps" && find . -name metrics.json -printf '%h\n') | sort | while read -r dir; do
+    [[ -d "$work/sweeps/$dir/model" ]] || continue  # a run still under way: its metrics.json lacks stages
     mkdir -p "$out/runs/$dir"
     cp "$work/sweeps/$dir/metrics.json" "$work/sweeps/$dir/.hydra/config.yaml" "$out/runs/$dir/"
 done
 cd "$repo"
-python -m cap.report "$out/runs" --out "$out"
+python -m cap.report "$out/runs" --out "$out/report"
 python scripts/scale_report.py "$out/runs" --out "$out"

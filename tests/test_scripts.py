@@ -92,3 +92,48 @@ def test_scale_report_pairs_cap_f_with_its_baseline_per_size_sparsity_and_seed(t
     assert "| 1000 | 126 | 0.5 | 2 | 71.00 ± 1.41 | 77.00 ± 1.41 | -6.00 ± 2.83 |" in gap
     assert "| 8000 | 1000 | 0.9 | 1 | 78.00 | 75.00 | +3.00 |" in gap
     assert (out / "gap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_committed_scale_study_is_what_its_runs_give(tmp_path):
+    """results/minilm-sst2-scale/ (scripts/scale_minilm_sst2.sh): its tables are what cap.report and
+    scripts/scale_report.py make of the runs committed beside them."""
+    from cap.report import main as report
+
+    committed = REPO / "results" / "minilm-sst2-scale"
+    out = script_module("scale_report").main([str(committed / "runs"), "--out", str(tmp_path)])
+    report([str(committed / "runs"), "--out", str(tmp_path / "report")])
+    for name in ("table.csv", "gap.md"):
+        assert (out / name).read_text() == (committed / name).read_text(), name
+    for name in ("table.md", "table.csv"):
+        assert (tmp_path / "report" / name).read_text() == (committed / "report" / name).read_text(), name
+
+
+def test_gradient_balance_reads_every_stage_of_a_cap_f_run(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    from omegaconf import OmegaConf
+    from test_cap_f import cap_f_overrides
+
+    from cap.recipes import run
+    from helpers import composed
+
+    cfg = composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "prune.sequence=[0.25,0.5]",
+                                   "trainer.keep_checkpoints=true", "trainer.logging_steps=1"))
+    run_dir = tmp_path / "runs" / "one"
+    run(cfg, run_dir)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    script = script_module("gradient_balance")
+    out = script.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    points = json.loads((out / "balance.json").read_text())["points"]
+    assert [(p["stage"], p["step"]) for p in points] == [(0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2)]
+    assert all(p["grad_norm_task"] > 0 and p["pooling"] == "cls" and p["accuracy"] is not None for p in points)
+    assert points[0]["grad_norm_contrast"] > 0  # FiC and PrC pull from the first stage on
+    assert "| cls | 0.25 | 2 |" in (out / "balance.md").read_text()
+
+
+def test_the_committed_gradient_balance_is_what_its_points_give(tmp_path):
+    import shutil
+
+    committed = REPO / "results" / "minilm-sst2-balance"
+    shutil.copy(committed / "balance.json", tmp_path / "balance.json")
+    script_module("gradient_balance").main(["--from-json", "--out", str(tmp_path)])
+    assert (tmp_path / "balance.md").read_text() == (committed / "balance.md").read_text()
