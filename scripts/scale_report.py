@@ -74,6 +74,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 def plot(per_seed: list[dict], rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -85,6 +86,9 @@ def plot(per_seed: list[dict], rows: list[dict], path: Path) -> None:
         ax.scatter([r["updates_per_step"] for r in seeds], [r["gap"] for r in seeds], color=f"C{i}", s=12, alpha=0.4)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ticks = sorted({(r["updates_per_step"], r["train_samples"]) for r in rows})
+    ax.set_xticks([u for u, _ in ticks], [f"{u}\n({n:,} sent.)" for u, n in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="updates per pruning step (log)", ylabel="CAP-f - baseline (points)",
            title="MiniLM / SST-2: contrastive terms vs training budget")
     ax.grid(alpha=0.3)
