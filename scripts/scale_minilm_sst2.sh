@@ -29,12 +29,7 @@ if ! $report_only; then
     run seeds23-8k data.max_train_samples=8000 seed=2,3 contrast.enabled=true,false
     run seed1-16k data.max_train_samples=16000 seed=1 contrast.enabled=true,false
 fi
-rm -rf "$out/runs"
-(cd "$work/sweeps" && find . -name metrics.json -printf '%h\n') | sort | while read -r dir; do
-    [[ -d "$work/sweeps/$dir/model" ]] || continue  # a run still under way: its metrics.json lacks stages
-    mkdir -p "$out/runs/$dir"
-    cp "$work/sweeps/$dir/metrics.json" "$work/sweeps/$dir/.hydra/config.yaml" "$out/runs/$dir/"
-done
+"$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
 cd "$repo"
 python -m cap.report "$out/runs" --out "$out/report"
 python scripts/scale_report.py "$out/runs" --out "$out"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Copy the metrics.json and config of every finished run under a sweep dir into OUT (same relative paths), for the
+# committed results/<study>/runs/. A run is finished once it has published its model/ (a run still under way has a
+# metrics.json without its last stages).
+# Usage: scripts/collect_finished_runs.sh SWEEP_DIR OUT_DIR
+set -euo pipefail
+sweep=$1 out=$2
+rm -rf "$out"
+(cd "$sweep" && find . -name metrics.json -printf '%h\n') | sort | while read -r dir; do
+    [[ -d "$sweep/$dir/model" ]] || continue
+    mkdir -p "$out/$dir"
+    cp "$sweep/$dir/metrics.json" "$sweep/$dir/.hydra/config.yaml" "$out/$dir/"
+done
