@@ -139,3 +139,14 @@ def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_mode
     with torch.no_grad():
         assert (small(input_ids=ids).logits - masked(input_ids=ids).logits).abs().max() <= 1e-4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+def test_settings_can_be_chosen_on_a_split_carved_from_the_training_set(tiny_model_dir, tmp_path):
+    """data.validation_from_train + data.eval_split=trainval: the teacher (fine-tuned here) and the pruned model are
+    evaluated on held-out training rows only."""
+    rows = run(composed([*tiny_overrides(tiny_model_dir, "sst2"), "method=cap_f", "prune.sequence=[0.5]",
+                         f"teacher.cache_dir={tmp_path / 'teachers'}", "data.validation_from_train=40",
+                         "data.eval_split=trainval"]), tmp_path / "run")
+    assert [r["split"] for r in rows] == ["trainval"] and "accuracy" in rows[0]
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    assert [r["split"] for r in json.loads((teacher / "metrics.json").read_text())] == ["trainval"]
