@@ -6,14 +6,8 @@
 # "full", soft movement = "baseline"). Re-running resumes. About 9 minutes a run on 2 idle cores (not yet run).
 # Usage: scripts/cap_soft_vs_soft_movement.sh [work dir, default multiruns/minilm-sst2-cap-soft-vs-soft] [--report-only]
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=$repo/multiruns/minilm-sst2-cap-soft-vs-soft report_only=false
-for arg in "$@"; do
-    if [[ "$arg" == --report-only ]]; then report_only=true; else work=$arg; fi
-done
-mkdir -p "$work" && work=$(cd "$work" && pwd)
-export CAP_DATA_DIR="${CAP_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
-out=$repo/results/minilm-sst2-cap-soft-vs-soft
+STUDY=minilm-sst2-cap-soft-vs-soft
+source "$(dirname "$0")/study.sh"
 if ! $report_only; then
     (cd "$work" && python -m cap -m experiment=minilm/sst2_cap_soft data.seed=42 teacher.seed=42 seed=1,2,3 \
         contrast.enabled=true,false hydra.sweep.dir="$work/sweeps")

@@ -10,14 +10,8 @@
 # updates per pruning step).
 # Usage: scripts/scale_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-scale] [--report-only]
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=$repo/multiruns/minilm-sst2-scale report_only=false
-for arg in "$@"; do
-    if [[ "$arg" == --report-only ]]; then report_only=true; else work=$arg; fi
-done
-mkdir -p "$work" && work=$(cd "$work" && pwd)
-export CAP_DATA_DIR="${CAP_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
-out=$repo/results/minilm-sst2-scale
+STUDY=minilm-sst2-scale
+source "$(dirname "$0")/study.sh"
 # run from the work dir: the teachers are cached under $work/runs/teachers
 run() {
     (cd "$work" && python -m cap -m experiment=minilm/sst2_reproduction prune.retrain_epochs=2 \

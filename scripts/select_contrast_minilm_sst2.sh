@@ -9,14 +9,8 @@
 # cores, 15 runs.
 # Usage: scripts/select_contrast_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-select] [--report-only]
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
-work=$repo/multiruns/minilm-sst2-select report_only=false
-for arg in "$@"; do
-    if [[ "$arg" == --report-only ]]; then report_only=true; else work=$arg; fi
-done
-mkdir -p "$work" && work=$(cd "$work" && pwd)
-export CAP_DATA_DIR="${CAP_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
-out=$repo/results/minilm-sst2-select
+STUDY=minilm-sst2-select
+source "$(dirname "$0")/study.sh"
 run() {
     (cd "$work" && python -m cap -m experiment=minilm/sst2_reproduction prune.retrain_epochs=2 \
         data.validation_from_train=2000 data.eval_split=trainval seed=1,2,3 hydra.sweep.dir="$work/sweeps/$1" \
