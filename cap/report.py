@@ -65,7 +65,9 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
     Read unresolved, as Hydra saved it: `data.seed: ${seed}` is the same setting in every seed of a sweep. Numbers
     compare as numbers (`11000` = `11000.0`), and a key set to null as a key that is absent (`settings_labels`)."""
     def number(x):
-        return int(x) if isinstance(x, float) and x.is_integer() else [*map(number, x)] if isinstance(x, list) else x
+        if isinstance(x, list):
+            return [number(v) for v in x]
+        return int(x) if isinstance(x, float) and x.is_integer() else x
 
     def flat(node, prefix=""):
         if isinstance(node, dict):

@@ -62,8 +62,8 @@ class CAPTrainer(Trainer):
         # extras are drawn from a generator reseeded from (draw_seed, step) at every update, so a resumed run draws
         # what an uninterrupted one would; recipes give each rank its own draw_seed (spec Q4)
         self.draw_seed = draw_seed
-        self.fixed_extra_idx = fixed_extra_idx  # bank name -> extra ids used at every step instead of draws (tests,
-        # comparisons with another implementation on the same draws)
+        # bank name -> extra ids used at every step instead of draws: tests, comparisons with another implementation
+        self.fixed_extra_idx = fixed_extra_idx
         self.generator = torch.Generator().manual_seed(draw_seed)
         self._seeded_step = -1
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -137,7 +137,7 @@ class CAPTrainer(Trainer):
         terms, outputs = self.loss_terms(model, inputs)
         loss = self.weighted(terms)
         if model.training and self._logs_after_this_update() and set(terms) & set(self.banks):
-            task = sum(self.weighted({k: terms[k]}) for k in TASK_TERMS if k in terms)
+            task = self.weighted({k: terms[k] for k in TASK_TERMS if k in terms})
             contrast = self.weighted({k: terms[k] for k in self.banks if k in terms})
             if torch.is_tensor(task) and self.args.world_size == 1:  # autograd.grad would bypass DDP's reducer
                 self._balance = gradient_balance(task, contrast, [

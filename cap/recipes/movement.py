@@ -245,7 +245,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
             check_schedule(cfg, *planned)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data = setup.model, setup.data
-    short_ramp = check_schedule(cfg, *planned_updates(cfg, len(data.train), world_size))
+    total_steps, warmup_steps = planned_updates(cfg, len(data.train), world_size)
+    short_ramp = check_schedule(cfg, total_steps, warmup_steps)
     notes = [short_ramp] if short_ramp else []  # also written onto the final metrics rows
     if short_ramp:
         warnings.warn(short_ramp, stacklevel=1)
@@ -254,7 +255,6 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     banks = build_banks(cfg, len(data.train), model.config.hidden_size, labels, max(cfg.trainer.epochs - 1, 0))
     report_to = tracking.start(cfg, run_dir)
     args = training_arguments(cfg, run_dir / "checkpoints", report_to)
-    total_steps, warmup_steps = planned_updates(cfg, len(data.train), args.world_size)
     controller = None
     if p.target_sparsity is not None:
         controller = SparsityController(p.target_sparsity, p.final_lambda, p.final, total_steps)
