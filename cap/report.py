@@ -4,11 +4,11 @@
 
 Every run dir under the given dirs (one holding metrics.json and its config in .hydra/config.yaml or config.yaml)
 is read; the rows are grouped by (task, method, ablation, sparsity, split, metric) and averaged over seeds, then set
-beside the paper's numbers. Only runs whose configs differ in the seed alone (and in keys that cannot change a
-result: paths, logger, checkpointing) are averaged: runs of one method that differ in anything else are kept apart,
-one row each, and the `settings` column names the keys that set them apart. Writes <out>/table.md, <out>/table.csv
-and one <out>/<task>.png per task. All scores are in percent (ours are stored in [0, 1], the paper prints percent);
-delta = ours - paper, in points.
+beside the paper's numbers, each with its source and the source's kind (paper, reprint, issue, abstract). Only runs
+whose configs differ in the seed alone (and in keys that cannot change a result: paths, logger, checkpointing) are
+averaged: runs of one method that differ in anything else are kept apart, one row each, and the `settings` column
+names the keys that set them apart. Writes <out>/table.md, <out>/table.csv and one <out>/<task>.png per task. All
+scores are in percent (ours are stored in [0, 1], the paper prints percent); delta = ours - paper, in points.
 """
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ MOVEMENT = ("cap_m", "cap_soft")
 METHOD_ORDER = ("finetune", "cap_f", "cap_m", "cap_soft")
 KEY = ("task", "method", "ablation", "sparsity", "split", "metric")  # a cell of the paper's tables
 GROUP = (*KEY, "model", "settings")  # what seeds are averaged over
-COLUMNS = (*GROUP, "n", "seeds", "sparsity_measured", "mean", "std", "paper", "delta", "source")
+COLUMNS = (*GROUP, "n", "seeds", "sparsity_measured", "mean", "std", "paper", "delta", "source", "source_kind")
+# where a paper number was read: the CAP paper itself, another paper or README printing it, a GitHub issue quoting
+# it, the abstract
+SOURCE_KINDS = ("paper", "reprint", "issue", "abstract")
 NOT_METRICS = {"stage", "method", "step", "sparsity", "split"}
 # config keys that cannot change a result: runs differing only in these (and the seed) are averaged together
 NEUTRAL_KEYS = {"seed", "data.dir", "data.cache_dir", "teacher.cache_dir", "trainer.resume", "trainer.keep_checkpoints",
@@ -200,6 +203,16 @@ def load_paper(path) -> dict:
             raise UserError(f"{where}: source '{e['source']}' is not a key of `sources:`")
         if i < len(cells) and e["metric"] not in PAPER_METRICS:
             raise UserError(f"{where}: metric '{e['metric']}': use one of {', '.join(PAPER_METRICS)}")
+    for key, source in sources.items():
+        if not isinstance(source, dict) or source.get("kind") not in SOURCE_KINDS or "url" not in source:
+            raise UserError(f"{path}: source '{key}': give its url and its kind, one of {', '.join(SOURCE_KINDS)}")
+    seen = set()
+    for e in cells:
+        key = (e["task"], e["method"], e.get("ablation", "full"), float(e["sparsity"]), e["split"], e["metric"])
+        if e["value"] is not None and key in seen:
+            raise UserError(f"{path}: two sourced cells for {', '.join(map(str, key))}: keep one, name the other "
+                            "source in its note")
+        seen.add(key)
     model = (doc.get("paper") or {}).get("model", "paper")
     entries = [{**e, "ablation": e.get("ablation", "full"), "metric": PAPER_METRICS[e["metric"]], "model": model,
                 "settings": "", "sparsity": round(float(e["sparsity"]), 4)} for e in cells]
@@ -217,17 +230,22 @@ def join_paper(summary: list[dict], paper: dict) -> list[dict]:
     """`summary` rows with the paper's value, delta and source key; the paper's sourced cells of our tasks that no
     run of ours matches are added with n = 0."""
     cells = {tuple(e[k] for k in KEY): e for e in paper["entries"] if e["value"] is not None}
+
+    def kind(entry):
+        return entry and paper["sources"][entry["source"]]["kind"]
+
     used, rows = set(), []
     for row in summary:
         key = (*(row[k] for k in KEY[:4]), comparable_split(row["task"], row["split"]), row["metric"])
         entry = cells.get(key)
         used.add(key)
         rows.append({**row, "paper": entry and entry["value"], "source": entry and entry["source"],
-                     "delta": entry and row["mean"] - entry["value"]})
+                     "source_kind": kind(entry), "delta": entry and row["mean"] - entry["value"]})
     for key, e in cells.items():
         if key not in used and e["task"] in {r["task"] for r in summary}:
             rows.append({**{k: e[k] for k in GROUP}, "n": 0, "seeds": [], "sparsity_measured": None, "mean": None,
-                         "std": None, "paper": e["value"], "delta": None, "source": e["source"]})
+                         "std": None, "paper": e["value"], "delta": None, "source": e["source"],
+                         "source_kind": kind(e)})
     return sorted(rows, key=_order)
 
 
@@ -238,25 +256,27 @@ def _num(x, fmt=".2f") -> str:
 def to_markdown(rows: list[dict], paper: dict) -> str:
     sources = paper["sources"]
     header = ["task", "method", "ablation", "sparsity", "measured", "split", "metric", "model", "settings", "n",
-              "ours (%)", "paper (%)", "delta", "source"]
+              "ours (%)", "paper (%)", "delta", "source", "kind"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ours = _num(r["mean"]) + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
         cells = [r["task"], r["method"], r["ablation"], f"{r['sparsity']:g}", _num(r["sparsity_measured"], ".3f"),
                  r["split"], r["metric"], r["model"], r["settings"], r["n"], ours, _num(r["paper"], ".1f"),
                  _num(r["delta"], "+.2f"),
-                 f"[{r['source']}]({sources[r['source']]['url']})" if r["source"] else ""]
+                 f"[{r['source']}]({sources[r['source']]['url']})" if r["source"] else "", r["source_kind"] or ""]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     notes = ["", ("ours: mean ± sample std over seeds (n runs), percent; delta = ours - paper, in points; sparsity: "
                   "the run's target (measured: the recorded level); settings: the config keys that set a row's runs "
                   "apart from other runs of the same method (empty: none; runs are averaged only when their configs "
-                  "differ in the seed alone); paper cells without a source are not shown.")]
+                  "differ in the seed alone); paper cells without a source are not shown; kind: where the paper's "
+                  "number was read (paper: the CAP paper; reprint: another paper or README printing it; issue: a "
+                  "GitHub issue quoting it; abstract: the abstract).")]
     if any(r["split"] == "heldout" for r in rows):
         notes.append("heldout: held-out *train* rows (offline MNLI/QQP, ../shared/data/README.md), set beside the "
                      "paper's dev-set numbers: not the same data.")
     notes += [f"- {c['task']} at sparsity {c['sparsity']:g}: CAP keeps {c['value']} % of BERT-base's score "
               f"([{c['source']}]({sources[c['source']]['url']}))" for c in paper["retention"] if c["value"] is not None]
-    notes += ["", "Sources:"] + [f"- {k}: {s['url']}: {s.get('where', '')}" for k, s in sources.items()]
+    notes += ["", "Sources:"] + [f"- {k} ({s['kind']}): {s['url']}: {s.get('where', '')}" for k, s in sources.items()]
     return "\n".join(lines + notes) + "\n"
 
 
@@ -301,8 +321,10 @@ def plot(rows: list[dict], task: str, path: Path) -> Path:
             theirs = [r for r in mine if r["paper"] is not None]
             if theirs and (method, abl) not in starred:  # one set of stars per method and ablation
                 starred.add((method, abl))
+                kinds = "/".join(sorted({r["source_kind"] for r in theirs if r.get("source_kind")}))
                 ax.scatter([r["sparsity"] for r in theirs], [r["paper"] for r in theirs], color=f"C{i}", marker="*",
-                           s=160, edgecolors="black", zorder=3, label=f"paper: {label.split(' [')[0]}")
+                           s=160, edgecolors="black", zorder=3,
+                           label=f"paper{f' ({kinds})' if kinds else ''}: {label.split(' [')[0]}")
         ours = sorted({r["split"] for r in rows if r["panel"] == panel and r["n"]} - {panel[0]})
         ax.set(xlabel="sparsity", ylabel=f"{panel[1]} (%)",
                title=f"{task} {panel[0]}" + (f" (ours: {', '.join(ours)})" if ours else ""))

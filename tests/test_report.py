@@ -133,9 +133,13 @@ def test_the_paper_join_gives_deltas_and_adds_sourced_cells(runs):
     acc = by_key(rows, method="cap_m", metric="accuracy", n=2)  # heldout is set beside the paper's dev number
     assert (acc["paper"], acc["source"]) == (91.6, "issue1") and acc["delta"] == pytest.approx(91.0 - 91.6)
     assert by_key(rows, method="cap_m", metric="f1", n=2)["delta"] == pytest.approx(87.0 - 87.7)
-    soft = by_key(rows, method="cap_soft", ablation="full", metric="f1")  # a paper cell with no run of ours
+    soft = by_key(rows, method="cap_soft", ablation="full", sparsity=0.9, metric="f1")  # no run of ours
     assert (soft["n"], soft["mean"], soft["paper"], soft["split"]) == (0, None, 87.4, "validation")
+    assert (acc["source_kind"], soft["source_kind"]) == ("issue", "issue")
+    reprint = by_key(rows, method="cap_soft", ablation="full", sparsity=0.97, metric="f1")  # SMP's reprinted "CAP"
+    assert (reprint["paper"], reprint["source"], reprint["source_kind"]) == (86.7, "smp_table1", "reprint")
     assert by_key(rows, method="cap_soft", ablation="baseline", sparsity=0.97, metric="accuracy")["paper"] == 89.1
+    assert by_key(rows, method="cap_m", ablation="baseline,magnitude", sparsity=0.9, metric="f1")["paper"] == 75.9
     assert by_key(rows, method="cap_f", ablation="full", sparsity=0.5)["paper"] is None  # not sourced: not filled
     assert not [r for r in rows if r["task"] in ("mnli", "squad")]  # only the tasks we ran
 
@@ -144,7 +148,11 @@ def test_markdown_csv_and_plots(runs, tmp_path):
     out = main([str(runs), "--out", str(tmp_path / "report")])
     table = (out / "table.md").read_text()
     assert ("| qqp | cap_m | full | 0.9 | 0.900 | heldout | accuracy | minilm |  | 2 | 91.00 ± 1.41 | 91.6 | -0.60 | "
-            "[issue1](" in table)
+            "[issue1](https://github.com/RunxinXu/ContrastivePruning/issues/1) | issue |" in table)
+    assert ("| qqp | cap_soft | full | 0.5 |  | validation | accuracy | bert-base-uncased |  | 0 |  | 91.6 |  | "
+            "[smp_table1](https://aclanthology.org/2023.acl-long.35) | reprint |" in table)
+    assert "- smp_table1 (reprint): https://aclanthology.org/2023.acl-long.35: Jiang et al." in table
+    assert "kind: where the paper's number was read" in table
     assert "| sst2 | cap_f | full | 0.5 | 0.500 | validation | accuracy | minilm |  | 3 | 82.00 ± 2.00 |  |  |  |" \
         in table
     assert "| qqp | cap_soft | full | 0.9 |  | validation | f1 | bert-base-uncased |  | 0 |  | 87.4 |" in table
@@ -154,7 +162,8 @@ def test_markdown_csv_and_plots(runs, tmp_path):
     row = by_key(rows, method="cap_f", ablation="-PrC", sparsity="0.5")
     assert (row["n"], float(row["mean"]), row["std"], row["seeds"]) == ("1", pytest.approx(78.0), "", "1")
     f1 = by_key(rows, method="cap_m", metric="f1", n="2")
-    assert (f1["delta"], f1["source"]) == ("-0.7", "https://github.com/RunxinXu/ContrastivePruning/issues/1")
+    assert (f1["delta"], f1["source"], f1["source_kind"]) == (
+        "-0.7", "https://github.com/RunxinXu/ContrastivePruning/issues/1", "issue")
     for task in ("sst2", "qqp"):
         assert (out / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "mnli.png").exists()
@@ -165,6 +174,23 @@ def test_plot_marks_paper_only_points(tmp_path):
              "metric": "accuracy", "model": "bert-base-uncased", "settings": "", "n": 0, "mean": None, "std": None,
              "paper": 90.2}]
     assert plot(rows, "qqp", tmp_path / "qqp.png").stat().st_size > 1000
+
+
+def test_the_legend_names_the_kind_of_each_paper_source(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    legends = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (legends.extend(
+        t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()), save(fig, *a, **k))[1])
+    cell = {"task": "qqp", "split": "validation", "metric": "f1", "model": "bert-base-uncased", "settings": "", "n": 0,
+            "mean": None, "std": None}
+    rows = [{**cell, "method": method, "ablation": abl, "sparsity": sparsity, "paper": value, "source_kind": kind}
+            for method, abl, sparsity, value, kind in [("cap_soft", "full", 0.9, 87.4, "issue"),
+                                                       ("cap_soft", "full", 0.5, 88.6, "reprint"),
+                                                       ("cap_m", "baseline", 0.5, 87.8, "reprint")]]
+    plot(rows, "qqp", tmp_path / "qqp.png")
+    assert legends == ["paper (reprint): cap_m (baseline)", "paper (issue/reprint): cap_soft"]
 
 
 def test_missing_runs_and_bad_paper_files_are_one_line_errors(runs, tmp_path):
@@ -188,7 +214,13 @@ def test_missing_runs_and_bad_paper_files_are_one_line_errors(runs, tmp_path):
                          ({"sources": {"s": {"url": "u"}},
                            "entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9, "split": "validation",
                                         "metric": "acc", "value": "91.6%", "source": "s"}]}, "a number"),
-                         ({"entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9}]}, "missing value")]:
+                         ({"entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9}]}, "missing value"),
+                         ({"sources": {"s": {"url": "u", "kind": "blog"}}, "entries": []},
+                          "source 's': give its url and its kind, one of paper, reprint, issue, abstract"),
+                         ({"sources": {"s": {"url": "u", "kind": "paper"}},
+                           "entries": [{"task": "qqp", "method": "cap_m", "sparsity": 0.9, "split": "validation",
+                                        "metric": "acc", "value": v, "source": "s"} for v in (91.6, 91.0)]},
+                          "two sourced cells for qqp, cap_m, full, 0.9, validation, acc")]:
         bad.write_text(yaml.safe_dump(doc))
         with pytest.raises(UserError, match=message):
             main([str(runs), "--paper", str(bad), "--out", str(tmp_path / "out")])
@@ -207,13 +239,22 @@ def test_the_committed_paper_numbers_are_sourced():
     assert cells[("qqp", "cap_m", "full", 0.9, "f1")] == 87.7
     assert cells[("qqp", "cap_soft", "full", 0.9, "accuracy")] == 90.7
     assert cells[("qqp", "cap_soft", "full", 0.9, "f1")] == 87.4
+    # SMP Table 1's reprinted CAP rows (keyed as CAP-soft) and its KD baselines
+    mnli = {(e["method"], e["ablation"], e["sparsity"], e["split"]): e["value"] for e in paper["entries"]
+            if e["task"] == "mnli"}
+    assert [mnli[("cap_soft", "full", s, "validation_matched")] for s in (0.5, 0.9, 0.97)] == [83.8, 82.0, 80.1]
+    assert [mnli[("cap_soft", "full", s, "validation_mismatched")] for s in (0.5, 0.9, 0.97)] == [84.2, 82.9, 81.3]
+    assert [cells[("squad", "cap_soft", "full", s, "f1")] for s in (0.5, 0.9, 0.97)] == [88.2, 85.6, 83.0]
+    assert [cells[("qqp", "cap_m", "baseline", s, "accuracy")] for s in (0.5, 0.9, 0.97)] == [91.0, 89.7, 86.1]
+    assert cells[("squad", "l0", "baseline", 0.9, "exact_match")] == 72.4
+    assert {s["kind"] for s in paper["sources"].values()} <= {"paper", "reprint", "issue", "abstract"}
     # the full grid is there, unknown cells as null: 3 methods x 3 sparsities x 7 task metrics, plus CAP-f's steps
     for method in ("cap_f", "cap_m", "cap_soft"):
         for sparsity in (0.5, 0.9, 0.97):
             assert ("squad", method, "full", sparsity, "exact_match") in cells
             assert ("sst2", method, "full", sparsity, "accuracy") in cells
     assert all(("mnli", "cap_f", "full", s, "accuracy") in cells for s in (0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8))
-    assert sum(e["value"] is not None for e in paper["entries"]) == 22
+    assert sum(e["value"] is not None for e in paper["entries"]) == 68
     assert {(r["task"], r["value"]) for r in paper["retention"]} == {("qqp", 99.2), ("mnli", 96.3)}
 
 

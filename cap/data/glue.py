@@ -39,6 +39,7 @@ TSV_LAYOUTS: dict[str, TsvLayout] = {
 }
 
 STSB_RANGE = (0.0, 5.0)
+NO_LABEL = -1  # the hub's label of a test row
 
 
 def glue_features(spec: TaskSpec) -> datasets.Features:
@@ -78,12 +79,14 @@ def _parse_label(spec: TaskSpec, kind: str, value, where: str):
 def _read_tsv(path: Path, spec: TaskSpec) -> dict[str, list]:
     layout = TSV_LAYOUTS[spec.name]
     lines = split_lines(read_text(path))
-    if layout.header is None:
+    test_file = path.name.startswith("test")  # GLUE's test files have a header (CoLA's too) and no labels
+    if layout.header is None or (test_file and lines[0].startswith("index\t")):
         header = [h.strip() for h in lines[0].split("\t")]
         first = 1
     else:
         header, first = list(layout.header), 0
-    wanted = [*layout.columns.values(), layout.label]
+    unlabelled = test_file and layout.label not in header
+    wanted = [*layout.columns.values(), *([] if unlabelled else [layout.label])]
     missing = [c for c in wanted if c not in header]
     if missing:
         raise DataError(
@@ -93,7 +96,7 @@ def _read_tsv(path: Path, spec: TaskSpec) -> dict[str, list]:
     if len(lines) <= first:
         raise DataError(f"{path} has a header but no rows; replace it with a good copy of the split")
     positions = {col: header.index(name) for col, name in layout.columns.items()}
-    label_pos = header.index(layout.label)
+    label_pos = None if unlabelled else header.index(layout.label)
     out = {col: [] for col in spec.text_columns}
     labels = []
     for lineno in range(first + 1, len(lines) + 1):
@@ -105,7 +108,8 @@ def _read_tsv(path: Path, spec: TaskSpec) -> dict[str, list]:
             )
         for col, pos in positions.items():
             out[col].append(fields[pos])
-        labels.append(_parse_label(spec, layout.label_kind, fields[label_pos], f"{path}, line {lineno}"))
+        labels.append(NO_LABEL if unlabelled else
+                      _parse_label(spec, layout.label_kind, fields[label_pos], f"{path}, line {lineno}"))
     out["label"] = labels
     return out
 
