@@ -1,6 +1,7 @@
-"""Encoding banks (spec §4): one batched, no-grad pass over the training set in dataset order, written straight
-into a RepresentationBank. Under several processes each rank encodes a contiguous shard and the shards are
-gathered, so every rank ends with the same bank."""
+"""The banks of spec §4: which ones a config builds, encoding a model into one (a batched, no-grad pass over the
+training set in dataset order, written straight into a RepresentationBank), PrC or the next SnC snapshot, and their
+files. Under several processes each rank encodes a contiguous shard and the shards are gathered, so every rank ends
+with the same bank."""
 from __future__ import annotations
 
 import contextlib
@@ -12,17 +13,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cap.contrastive import RepresentationBank
-from cap.io import crash_point, file_problem
+from cap.io import crash_point, file_problem, this_process
 from cap.models import RepresentationTap
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, number of processes) of the torch.distributed group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _autocast(device: torch.device, precision: str):
@@ -39,7 +33,7 @@ def encode_vectors(model, dataset, collator, *, pooling: str = "cls", batch_size
     """[N, H] L2-normalised float32 sentence vectors of `dataset` (this rank's shard when distributed, else all),
     in dataset order. Eval mode unless `train_mode` (spec Q7); its dropout then draws from a forked RNG seeded with
     `seed`: the global RNG does not move, and a resumed run encodes what an uninterrupted one did."""
-    rank, world = rank_and_world()
+    rank, world = this_process()
     n = len(dataset)
     shard = -(-n // world)
     rows = range(rank * shard, min(n, (rank + 1) * shard))
@@ -81,12 +75,28 @@ def encode_into(bank: RepresentationBank, model, dataset, collator, **kwargs) ->
     bank.append(encode_vectors(model, dataset, collator, **kwargs).to(bank.storage.device))
 
 
+def encode_snapshot(banks: dict[str, RepresentationBank], index: int, model, dataset, collator, **kwargs) -> str | None:
+    """Encode `model` into PrC at `index` 0 (CAP-f's first step, CAP-m's first epoch), else as the next SnC snapshot
+    (spec §4). Returns the bank's name; None when that bank is off."""
+    name = "prc" if index == 0 else "snc"
+    if name not in banks:
+        return None
+    encode_into(banks[name], model, dataset, collator, desc=f"{name} bank", **kwargs)
+    return name
+
+
+def encode_settings(cfg) -> dict:
+    """How the config encodes a bank: the sentence representation, batch size and precision."""
+    return dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision)
+
+
 BANK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_banks(cfg, n_items: int, dim: int, labels, n_snapshots: int) -> dict[str, RepresentationBank]:
-    """The banks enabled by `cfg.contrast`, in the loss order PrC, FiC, SnC (spec §2.7); SnC has room for
-    `n_snapshots`. Empty when `contrast.enabled=false` (the plain pruning baselines)."""
+def build_banks(cfg, data, dim: int, n_snapshots: int) -> dict[str, RepresentationBank]:
+    """The banks enabled by `cfg.contrast` for the training set of `data` (a TaskData), `dim` wide, in the loss order
+    PrC, FiC, SnC (spec §2.7); SnC has room for `n_snapshots`. Each holds the training labels, none for QA and
+    regression. Empty when `contrast.enabled=false` (the plain pruning baselines)."""
     from cap.errors import UserError
 
     c = cfg.contrast
@@ -94,15 +104,16 @@ def build_banks(cfg, n_items: int, dim: int, labels, n_snapshots: int) -> dict[s
         return {}
     if cfg.bank.dtype not in BANK_DTYPES:
         raise UserError(f"bank.dtype={cfg.bank.dtype}: use one of {', '.join(BANK_DTYPES)}")
+    labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
     sizes = {"prc": int(c.prc), "fic": int(c.fic), "snc": n_snapshots if c.snc else 0}
-    return {name: RepresentationBank(n_items, dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device,
-                                     labels=labels)
+    return {name: RepresentationBank(len(data.train), dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype],
+                                     device=cfg.bank.device, labels=labels)
             for name, reps in sizes.items() if reps > 0}
 
 
 def save_banks(banks: dict[str, RepresentationBank], folder) -> None:
     """Write every bank to `folder/<name>.safetensors`; only rank 0 writes (every rank holds the same banks)."""
-    if rank_and_world()[0] != 0:
+    if not this_process().main:
         return
     folder.mkdir(parents=True, exist_ok=True)
     for name, bank in banks.items():

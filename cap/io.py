@@ -1,6 +1,7 @@
 """Files a crash cannot leave half-written (write to a temporary sibling, then rename), the check that a file read
-back on resume is whole, the deletion of a finished run's Trainer checkpoints, `crash_point`, the hook tests use to
-kill a run at a chosen phase, and `process_rank`, which says whether this process is the one that writes."""
+back on resume is whole, the deletion of a finished run's Trainer checkpoints, `crash_point`, the hook tests use
+to kill a run at a chosen phase, and `this_process`, the one place that says which process of a launch this is
+(and so whether it writes). What a stage saves, and in which order, is `cap.stages`."""
 from __future__ import annotations
 
 import json
@@ -10,14 +11,29 @@ import signal
 import sys
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 
-def process_rank() -> int:
-    """This process's rank as the launcher (accelerate, torchrun) set it; 0 when launched alone. Read from the
-    environment, so it holds before torch.distributed is initialised."""
-    return int(os.environ.get("RANK", "0"))
+class Process(NamedTuple):
+    rank: int
+    world: int
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run's files: every rank holds the same model, masks and banks."""
+        return self.rank == 0
+
+
+def this_process() -> Process:
+    """(rank, number of processes) of this process: the torch.distributed group's once joined (TrainingArguments
+    joins it under torchrun / accelerate), before that the launcher's environment (RANK, WORLD_SIZE); (0, 1) when
+    launched alone."""
+    if dist.is_available() and dist.is_initialized():
+        return Process(dist.get_rank(), dist.get_world_size())
+    return Process(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cap.data.tasks import get_task
-from cap.io import process_rank
+from cap.io import this_process
 from cap.recipes import nominal_sparsity
 
 
@@ -37,7 +37,7 @@ def start(cfg: DictConfig, run_dir: Path) -> list[str]:
         from cap.errors import UserError
 
         raise UserError(f"unknown logger '{cfg.logger.name}': use logger=wandb or logger=none")
-    if process_rank() != 0:
+    if not this_process().main:
         return []
     import wandb
 

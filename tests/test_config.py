@@ -19,7 +19,7 @@ from cap.checks import validate
 from cap.cli import check, explain
 from cap.config import SCHEMAS, VARIANTS, CAPConfig, CapFPrune, MovementPrune, dirname, key_docs
 from cap.errors import UserError
-from cap.recipes.common import teacher_run
+from cap.recipes.finetune import teacher_run
 
 from helpers import REPO, composed
 

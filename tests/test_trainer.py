@@ -61,7 +61,7 @@ def test_kd_without_teacher_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_teacher_cache_is_shared_across_seeds_only_when_pinned():
     from helpers import composed
 
-    from cap.recipes.common import teacher_run
+    from cap.recipes.finetune import teacher_run
 
     def folder(*overrides):
         return teacher_run(composed(["method=cap_f", *overrides]))[0]

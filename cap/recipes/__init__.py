@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from cap.checks import validate
 from cap.data import get_task
 from cap.errors import UserError
-from cap.io import process_rank
+from cap.io import this_process
 from cap.models import check_prunable, resolve_pooling
 
 RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
@@ -31,7 +31,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         print(f"contrast.pooling=auto: {cfg.contrast.pooling} (the checkpoint's own sentence representation)")
     recipe = importlib.import_module(f"cap.recipes.{RECIPES[cfg.method.name]}")
     rows = recipe.run(cfg, Path(run_dir))
-    if process_rank() == 0:
+    if this_process().main:
         print(summary(run_dir, rows, cfg.method.name))
     return rows
 

@@ -1,4 +1,5 @@
-"""What every recipe needs: the task's data, the student and teacher, TrainingArguments, metric rows."""
+"""What every recipe needs: the task's data, the student and teacher, TrainingArguments, the pruning recipes'
+CAPTrainer, metric rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from transformers import DataCollatorWithPadding, TrainingArguments
 
 from cap.data import TaskData, get_task, load_task_data
 from cap.errors import UserError
+from cap.io import this_process
 from cap.models import build_model, load_teacher, load_tokenizer
-from cap.trainer import Contrast, LossWeights
+from cap.trainer import CAPTrainer, Contrast, LossWeights
 
 
 @dataclass
@@ -65,6 +67,16 @@ def contrast_settings(cfg: DictConfig) -> Contrast:
                     extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling)
 
 
+def pruning_trainer(cfg: DictConfig, setup: Setup, args: TrainingArguments, banks: dict,
+                    **kwargs) -> CAPTrainer:
+    """A CAPTrainer for a pruning recipe: CAP's loss (spec §3) with the config's weights and contrastive settings on
+    `banks`, its extras drawn from a seed of this rank's own (Q4); `kwargs` go to the Trainer."""
+    return CAPTrainer(model=setup.model, args=args, train_dataset=setup.data.train, data_collator=setup.collator,
+                      processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
+                      banks=banks, contrast=contrast_settings(cfg), draw_seed=cfg.seed + 1000 * this_process().rank,
+                      **kwargs)
+
+
 def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) -> TrainingArguments:
     t = cfg.trainer
     save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}
@@ -98,38 +110,3 @@ def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) 
 def metric_rows(results: dict[str, dict[str, float]], **fields) -> list[dict]:
     """One metrics.json row per eval split: the split is always recorded (offline MNLI/QQP use `heldout`)."""
     return [{**fields, "split": split, **metrics} for split, metrics in results.items()]
-
-
-def teacher_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
-    """Where the teacher of `cfg` is cached, and the finetune config that trains it. The folder name is a hash of
-    everything that changes what the teacher learns, so runs that differ only in `seed` share one teacher when
-    `teacher.seed` and `data.seed` are pinned."""
-    import hashlib
-    import json
-
-    teacher_cfg = OmegaConf.merge(cfg, {
-        "seed": cfg.teacher.seed, "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
-        "contrast": {"enabled": False}, "trainer": {"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
-                                                     "max_steps": -1, "resume": True},
-    })
-    settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": teacher_cfg.seed,
-                "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": teacher_cfg.trainer.batch_size,
-                "data": OmegaConf.to_container(teacher_cfg.data, resolve=True)}
-    if settings["data"]["validation_from_train"] is None:  # a key added later: unset, it keeps the older caches' keys
-        del settings["data"]["validation_from_train"]
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}", teacher_cfg
-
-
-def ensure_teacher(cfg: DictConfig) -> str:
-    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
-    if cfg.teacher.path:
-        return cfg.teacher.path
-    from cap.recipes import finetune, summary
-
-    teacher_dir, teacher_cfg = teacher_run(cfg)
-    if not (teacher_dir / "model" / finetune.DONE).exists():
-        print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
-        teacher_dir.mkdir(parents=True, exist_ok=True)
-        print("teacher " + summary(teacher_dir, finetune.run(teacher_cfg, teacher_dir), "finetune"))
-    return str(teacher_dir / "model")

@@ -1,32 +1,34 @@
-"""Fine-tune a dense model on a task: the teacher of CAP runs (KD, FiC bank), and the dense reference."""
+"""Fine-tune a dense model on a task: the dense reference, and the teacher of CAP runs (KD, the FiC bank of spec
+§4), fine-tuned once and cached for later runs (`ensure_teacher`)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cap import tracking
 from cap.evaluation import evaluate_task
-from cap.io import (last_complete_checkpoint, process_rank, publish_dir, read_json, remove_checkpoints,
-                    write_json_atomic)
+from cap.io import publish_dir, read_json, write_json_atomic
+from cap.recipes import summary
 from cap.recipes.common import loss_weights, metric_rows, prepare, training_arguments
+from cap.stages import Stage
 from cap.trainer import CAPTrainer
 
 DONE = "DONE"
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    model_dir, ckpt_dir = run_dir / "model", run_dir / "checkpoints"
-    delete_checkpoints = process_rank() == 0 and not cfg.trainer.keep_checkpoints
+    model_dir, stage = run_dir / "model", Stage(run_dir, cfg)
     if cfg.trainer.resume and (model_dir / DONE).exists():
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
-        if delete_checkpoints:
-            remove_checkpoints(ckpt_dir)  # what a kill during the deletion left
+        stage.drop_checkpoints()  # what a kill during the deletion left
         return read_json(run_dir / "metrics.json", [])
     setup = prepare(cfg)
-    last = last_complete_checkpoint(ckpt_dir) if cfg.trainer.resume else None
+    last = stage.checkpoint()
     trainer = CAPTrainer(
-        model=setup.model, args=training_arguments(cfg, ckpt_dir, tracking.start(cfg, run_dir)),
+        model=setup.model, args=training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir)),
         train_dataset=setup.data.train, data_collator=setup.collator, processing_class=setup.tokenizer,
         weights=loss_weights(cfg), teacher=setup.teacher,
     )
@@ -43,7 +45,36 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     trainer.save_model(str(tmp))
     (tmp / DONE).touch()
     publish_dir(tmp, model_dir)
-    if delete_checkpoints:  # the run is finished once model/DONE is in place
-        remove_checkpoints(ckpt_dir)
+    stage.drop_checkpoints()  # the run is finished once model/DONE is in place
     tracking.finish()
     return rows
+
+
+def teacher_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
+    """Where the teacher of `cfg` is cached, and the finetune config that trains it. The folder name is a hash of
+    everything that changes what the teacher learns, so runs that differ only in `seed` share one teacher when
+    `teacher.seed` and `data.seed` are pinned."""
+    teacher_cfg = OmegaConf.merge(cfg, {
+        "seed": cfg.teacher.seed, "method": {"name": "finetune"}, "ce": {"weight": 1.0}, "kd": {"weight": 0.0},
+        "contrast": {"enabled": False}, "trainer": {"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
+                                                     "max_steps": -1, "resume": True},
+    })
+    settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": teacher_cfg.seed,
+                "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": teacher_cfg.trainer.batch_size,
+                "data": OmegaConf.to_container(teacher_cfg.data, resolve=True)}
+    if settings["data"]["validation_from_train"] is None:  # a key added later: unset, it keeps the older caches' keys
+        del settings["data"]["validation_from_train"]
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}", teacher_cfg
+
+
+def ensure_teacher(cfg: DictConfig) -> str:
+    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
+    if cfg.teacher.path:
+        return cfg.teacher.path
+    teacher_dir, teacher_cfg = teacher_run(cfg)
+    if not (teacher_dir / "model" / DONE).exists():
+        print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
+        teacher_dir.mkdir(parents=True, exist_ok=True)
+        print("teacher " + summary(teacher_dir, run(teacher_cfg, teacher_dir), "finetune"))
+    return str(teacher_dir / "model")

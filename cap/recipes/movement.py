@@ -4,38 +4,33 @@ Scores S on the 72 encoder matrices learn with their own optimizer group; the le
 CAP-m, sigmoid threshold for CAP-soft) follows the cubic schedule, set before every update. At the start of
 epoch 0 the (dense) model is encoded into PrC, at the start of every later epoch appended to SnC. Every epoch is
 evaluated at the final level. Epoch checkpoints hold weights, scores, optimizer and schedule position; banks are
-saved beside them, so a killed run resumes.
+saved beside them, so a killed run resumes (what is saved, and how it is resumed: `cap.stages.MovementStage`).
 
 A schedule that cannot prune within the run's updates is refused before anything is trained (`check_schedule`); a
 run that ends far from the sparsity its config aims at says so, in the log and on its final metrics rows."""
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from cap import tracking
-from cap.banks import build_banks, encode_into, load_banks, load_or_encode, save_banks
+from cap.banks import build_banks, encode_settings, encode_snapshot, load_or_encode
 from cap.data import get_task, read_glue_split
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
-from cap.io import (CrashPoints, append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint,
-                    process_rank, publish_dir, read_json, remove_checkpoints, save_tensors_atomic, write_json_atomic)
+from cap.io import CrashPoints, this_process
 from cap.pruning.movement import (CRITERIA, MovementScores, SparsityController, lambda_schedule, schedule_phases,
                                   threshold_schedule)
 from cap.recipes import nominal_sparsity
-from cap.recipes.common import (contrast_settings, ensure_teacher, loss_weights, metric_rows, prepare,
-                                training_arguments)
-from cap.sparse import save_sparse
-from cap.trainer import CAPTrainer
+from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
+from cap.recipes.finetune import ensure_teacher
+from cap.stages import MovementStage
 
-CONTROLLER_FILE = "sparsity_controller.safetensors"
 SHORT_RAMP = 0.1         # a ramp over fewer of the updates is warned about (the paper's QQP schedule ramps over 52 %)
 OFF_NOMINAL = 0.005      # a final sparsity further than this from the nominal one is warned about
 NOTHING_PRUNED = 0.01    # ... and, without a nominal one (CAP-soft without a target), a final sparsity below this
@@ -134,24 +129,11 @@ def sparsity_warning(cfg: DictConfig, measured: float, controller: SparsityContr
             "small matrices round this far")
 
 
-def record_warnings(run_dir: Path, notes: list[str]) -> None:
-    """Put `notes` on the metrics.json rows of the last evaluated epoch (`warnings`): the results say how a run
-    went wrong, not only the log."""
-    path = run_dir / "metrics.json"
-    rows = read_json(path, [])
-    if not rows:
-        return
-    for row in rows:
-        if row.get("stage") == rows[-1].get("stage"):
-            row["warnings"] = notes
-    write_json_atomic(path, rows)
-
-
 class MovementSchedule(TrainerCallback):
     """Sets the pruning level (and λ) before every update; encodes PrC/SnC at the start of every epoch."""
 
-    def __init__(self, cfg, scores, banks, bank_dir, data, collator, total_steps, warmup_steps, controller):
-        self.cfg, self.scores, self.banks, self.bank_dir = cfg, scores, banks, bank_dir
+    def __init__(self, cfg, scores, banks, stage, data, collator, total_steps, warmup_steps, controller):
+        self.cfg, self.scores, self.banks, self.stage = cfg, scores, banks, stage
         self.data, self.collator, self.controller = data, collator, controller
         p = cfg.prune
         self.schedule = dict(total_steps=total_steps, warmup_steps=warmup_steps, initial=p.initial, final=p.final,
@@ -178,67 +160,50 @@ class MovementSchedule(TrainerCallback):
                 "sparsity_entries": self.scores.sparsity()["entries"]}
 
     def on_save(self, args, state, control, **kwargs):
-        # written after the Trainer's files: a checkpoint without it is incomplete (see CONTROLLER_FILE in run)
-        if self.controller is not None and process_rank() == 0:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_tensors_atomic(self.controller.state_dict(), folder / CONTROLLER_FILE)
+        if self.controller is not None:
+            self.stage.save_controller(self.controller, state.global_step)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if not self.banks:
             return
         epoch = round(state.epoch or 0)
         self.scores.set_level(self.level(max(state.global_step - 1, 0)))  # the last level used in training
-        name = "prc" if epoch == 0 else "snc"
-        load_banks({k: b for k, b in self.banks.items() if file_problem(self.bank_dir / f"{k}.safetensors") is None},
-                   self.bank_dir)
-        # saved banks may hold more than this epoch starts from (an attempt that got further, then was killed): keep
-        # PrC from epoch 1 on and one SnC snapshot per earlier epoch but the first; this epoch's is encoded again
-        for key, count in (("prc", int(epoch > 0)), ("snc", max(epoch - 1, 0))):
-            if key in self.banks:
-                self.banks[key].n_reps = min(self.banks[key].n_reps, count)
-        if name not in self.banks:
-            return
-        bank = self.banks[name]
-        encode_into(bank, model, self.data.train, self.collator, pooling=self.cfg.contrast.pooling,
-                    batch_size=self.cfg.trainer.eval_batch_size, precision=self.cfg.trainer.precision,
-                    train_mode=epoch > 0 and self.cfg.bank.snapshot_train_mode, seed=self.cfg.seed + epoch,
-                    desc=f"{name} bank")
-        save_banks({name: bank}, self.bank_dir)  # rank 0 writes
-        crash_point("bank_encoded")
+        self.stage.restore_snapshots(self.banks, epoch)  # the banks as this epoch starts from them
+        # the current model becomes PrC (epoch 0: the pre-trained model) or the next SnC snapshot (§4)
+        name = encode_snapshot(self.banks, epoch, model, self.data.train, self.collator, seed=self.cfg.seed + epoch,
+                               train_mode=epoch > 0 and self.cfg.bank.snapshot_train_mode, **encode_settings(self.cfg))
+        if name:
+            self.stage.save_snapshot(self.banks, name)
 
 
 class EpochEvaluation(TrainerCallback):
     """Evaluates at the final level after every epoch: one metrics.json row per split, with the sparsity."""
 
-    def __init__(self, cfg, scores, data, run_dir, method):
-        self.cfg, self.scores, self.data, self.run_dir, self.method = cfg, scores, data, run_dir, method
+    def __init__(self, cfg, scores, data, stage, method):
+        self.cfg, self.scores, self.data, self.stage, self.method = cfg, scores, data, stage, method
         self.trainer = None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         training_level = self.scores.level
         self.scores.set_level(self.cfg.prune.final)
-        results = evaluate_task(self.trainer, self.data, out_dir=self.run_dir if process_rank() == 0 else None)
+        results = evaluate_task(self.trainer, self.data, out_dir=self.stage.folder if self.stage.writes else None)
         sparsity = self.scores.sparsity()
         rows = metric_rows(results, stage=round(state.epoch), method=self.method, step=state.global_step,
                            sparsity=round(sparsity["entries"], 6),
                            **{f"sparsity_{k}": round(v, 6) for k, v in sparsity.items()})
         self.scores.set_level(training_level)
-        if process_rank() == 0:
-            append_metrics(self.run_dir, rows)  # replaces the rows of an epoch evaluated before a crash
-        crash_point("epoch_evaluated")
+        self.stage.save_epoch(rows)
         self.trainer.log({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     p = cfg.prune
     check_levels(p)
-    model_dir = run_dir / "model"
-    if cfg.trainer.resume and (model_dir / "config.json").exists() and (run_dir / "sparse").exists():
+    stage = MovementStage(run_dir, cfg)
+    if stage.finished():
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
-        if process_rank() == 0 and not cfg.trainer.keep_checkpoints:  # finishes a deletion that a kill cut short
-            remove_checkpoints(run_dir / "checkpoints")
-        return read_json(run_dir / "metrics.json", [])
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+        return stage.rows()
+    world_size = this_process().world
     if not cfg.teacher.path:  # a teacher is fine-tuned first: refuse a schedule that cannot fit before that
         planned = planned_updates(cfg, None, world_size) or planned_updates(cfg, training_rows(cfg), world_size)
         if planned:
@@ -251,40 +216,24 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if short_ramp:
         warnings.warn(short_ramp, stacklevel=1)
     scores = MovementScores.attach(model, p.criterion)
-    labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
-    banks = build_banks(cfg, len(data.train), model.config.hidden_size, labels, max(cfg.trainer.epochs - 1, 0))
-    report_to = tracking.start(cfg, run_dir)
-    args = training_arguments(cfg, run_dir / "checkpoints", report_to)
+    banks = build_banks(cfg, data, model.config.hidden_size, max(cfg.trainer.epochs - 1, 0))
+    args = training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir))
     controller = None
     if p.target_sparsity is not None:
         controller = SparsityController(p.target_sparsity, p.final_lambda, p.final, total_steps)
-    resume_from = None
-    if cfg.trainer.resume:
-        resume_from = last_complete_checkpoint(run_dir / "checkpoints",
-                                               required=(CONTROLLER_FILE,) if controller else ())
-        # a resumed epoch starts from the PrC/SnC snapshots saved beside the checkpoints: without them, start over
-        snapshots = {k: run_dir / "banks" / f"{k}.safetensors" for k in ("prc", "snc") if k in banks}
-        problem = resume_from and first_problem(path for k, path in snapshots.items() if k == "prc" or path.exists())
-        if problem:
-            print(f"{problem}: training starts over")
-            resume_from = None
-        if controller is not None and resume_from:
-            controller.load_state_dict(load_file(str(Path(resume_from) / CONTROLLER_FILE)))
-    schedule = MovementSchedule(cfg, scores, banks, run_dir / "banks", data, setup.collator, total_steps,
-                                warmup_steps, controller)
-    evaluation = EpochEvaluation(cfg, scores, data, run_dir, cfg.method.name)
+    resume_from = stage.resume_checkpoint(banks, controller)
+    # the epoch loop is the Trainer's: the schedule sets the level before every update and encodes PrC / SnC at
+    # the start of every epoch; every epoch is evaluated at the final level
+    schedule = MovementSchedule(cfg, scores, banks, stage, data, setup.collator, total_steps, warmup_steps, controller)
+    evaluation = EpochEvaluation(cfg, scores, data, stage, cfg.method.name)
     regularizer = (lambda: schedule.lam * scores.regularization()) if p.criterion == "soft" else None
     optimizer = torch.optim.AdamW(scores.param_groups(lr=args.learning_rate, weight_decay=args.weight_decay,
                                                       score_lr=p.score_lr), eps=args.adam_epsilon)
-    trainer = CAPTrainer(model=model, args=args, train_dataset=data.train, data_collator=setup.collator,
-                         processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
-                         banks=banks, contrast=contrast_settings(cfg), regularizer=regularizer,
-                         log_extras=schedule.log_values,
-                         draw_seed=cfg.seed + 1000 * process_rank(),
-                         optimizers=(optimizer, None), callbacks=[schedule, evaluation, CrashPoints()])
+    trainer = pruning_trainer(cfg, setup, args, banks, regularizer=regularizer, log_extras=schedule.log_values,
+                              optimizers=(optimizer, None), callbacks=[schedule, evaluation, CrashPoints()])
     evaluation.trainer = trainer
-    load_or_encode("fic", banks, run_dir / "banks", trainer.teacher, data.train, setup.collator,
-                   pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision)
+    load_or_encode("fic", banks, stage.banks, trainer.teacher, data.train, setup.collator,
+                   **encode_settings(cfg))  # FiC: the fine-tuned teacher, encoded once (§4)
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.release()
 
@@ -293,18 +242,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if miss := sparsity_warning(cfg, scores.sparsity()["entries"], controller):
         warnings.warn(miss, stacklevel=1)
         notes.append(miss)
-    if notes and process_rank() == 0:
-        record_warnings(run_dir, notes)
     scores.fold()
-    if process_rank() == 0:
-        tmp = run_dir / "model.tmp"
-        model.save_pretrained(tmp)
-        setup.tokenizer.save_pretrained(tmp)
-        publish_dir(tmp, model_dir)
-        crash_point("model_published")
-        save_sparse(model, run_dir / "sparse.tmp", tokenizer=setup.tokenizer)
-        publish_dir(run_dir / "sparse.tmp", run_dir / "sparse")
-        if not cfg.trainer.keep_checkpoints:
-            remove_checkpoints(run_dir / "checkpoints")
+    stage.save_result(model, setup.tokenizer, notes)
     tracking.finish()
-    return read_json(run_dir / "metrics.json", [])
+    return stage.rows()
