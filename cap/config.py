@@ -149,6 +149,8 @@ class MovementPrune:
     final_lambda: float = doc("L1 weight on the scores at the end (CAP-soft; λ follows τ up to it)")
     target_sparsity: Optional[float] = doc("CAP-soft: e.g. 0.9: a feedback controller adjusts λ so that the run ends "
                                            "within ±0.5 points; null: the sparsity follows from final_lambda")
+    granularity: str = doc("element (one score per weight, the paper's) | structured (one per attention head and per "
+                           "FFN neuron, Top-K per layer; the run is also exported physically smaller, export/)")
 
 
 @dataclass

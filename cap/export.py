@@ -1,11 +1,13 @@
-"""Export a CAP-f run as a physically smaller model (spec §5.1, Q19).
+"""Export a CAP-f run, or a CAP-m / CAP-soft run with prune.granularity=structured, as a physically smaller model
+(spec §5.1, Q19).
 
 Masked heads lose their Q/K/V rows and their columns of the attention output projection; masked FFN neurons lose
 their row of the FFN input and column of the FFN output. The output biases stay, so the exported model computes
 exactly what the masked one did. Stock Hugging Face modules are shrunk in place (BertSelfAttention reshapes with
 -1 heads, so fewer heads need no new code); a layer left with no head gets `NoHeads`.
 
-    python -m cap.export <run_dir> --stage 0.9 [--out DIR]
+    python -m cap.export <run_dir> --stage 0.9 [--out DIR]      # CAP-f: a stage
+    python -m cap.export <run_dir> [--out DIR]                  # CAP-m / CAP-soft, structured (done by the run)
     model = cap.export.load_pruned(DIR)
 """
 from __future__ import annotations
@@ -112,15 +114,24 @@ def main(argv=None) -> Path:
 
     parser = argparse.ArgumentParser(prog="python -m cap.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--stage", required=True, help="the sparsity of the stage to export, e.g. 0.9")
-    parser.add_argument("--out", type=Path, default=None, help="default: <run_dir>/export/<stage>")
+    parser.add_argument("--stage", help="CAP-f: the sparsity of the stage to export, e.g. 0.9; none for a "
+                        "structured CAP-m / CAP-soft run")
+    parser.add_argument("--out", type=Path, default=None, help="default: <run_dir>/export[/<stage>]")
     args = parser.parse_args(argv)
     stages = args.run_dir / "stages"
-    stage = stages / f"{float(args.stage):g}"
-    if not (stage / "DONE").exists():  # written last: a stage without it was cut short
-        present = sorted(p.name for p in stages.glob("*") if (p / "DONE").exists()) if stages.is_dir() else []
-        sys.exit(f"error: {args.run_dir} has no finished stage {args.stage}; finished stages: "
-                 f"{', '.join(present) or 'none'}")
+    if args.stage is None:
+        stage, out = args.run_dir, args.out or args.run_dir / "export"
+        if not ((stage / "masks.safetensors").exists() and (stage / "model" / "config.json").exists()):
+            sys.exit(f"error: {args.run_dir} is not a finished CAP-m / CAP-soft run with prune.granularity=structured "
+                     "(masks.safetensors beside model/); for a CAP-f run give --stage (element-wise runs are saved "
+                     "compact in sparse/ instead)")
+    else:
+        stage = stages / f"{float(args.stage):g}"
+        out = args.out or args.run_dir / "export" / stage.name
+        if not (stage / "DONE").exists():  # written last: a stage without it was cut short
+            present = sorted(p.name for p in stages.glob("*") if (p / "DONE").exists()) if stages.is_dir() else []
+            sys.exit(f"error: {args.run_dir} has no finished stage {args.stage}; finished stages: "
+                     f"{', '.join(present) or 'none'}")
     masks = load_file(str(stage / "masks.safetensors"))
     config = json.loads((stage / "model" / "config.json").read_text())
     auto = AutoModelForQuestionAnswering if "QuestionAnswering" in config["architectures"][0] \
@@ -129,8 +140,7 @@ def main(argv=None) -> Path:
     tokenizer = None
     if (stage / "model" / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(stage / "model")
-    out = export_pruned(model, masks["head_mask"], masks["ffn_mask"], args.out or args.run_dir / "export" / stage.name,
-                        tokenizer=tokenizer)
+    out = export_pruned(model, masks["head_mask"], masks["ffn_mask"], out, tokenizer=tokenizer)
     print(f"exported {out}")
     return out
 

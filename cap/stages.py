@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from cap.banks import load_banks, save_banks
+from cap.export import export_pruned
 from cap.io import (append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint, publish_dir,
                     publish_linked, read_json, remove_checkpoints, save_tensors_atomic, this_process,
                     write_json_atomic)
@@ -143,17 +144,19 @@ class StructuredStage(Stage):
 class MovementStage(Stage):
     """A CAP-m / CAP-soft run dir (spec §4 CAP-m/soft): `banks/` holds FiC and the PrC / SnC snapshots encoded so
     far, saved beside the epoch checkpoints (each with the sparsity controller's state when λ is steered);
-    `metrics.json` one row per epoch and split; `model/` then `sparse/` once finished."""
+    `metrics.json` one row per epoch and split; once finished `model/`, then `sparse/` (prune.granularity=element)
+    or `masks.safetensors` and `export/` (structured: the heads and neurons removed, `cap.export.load_pruned`)."""
 
     CONTROLLER_FILE = "sparsity_controller.safetensors"
 
     def __init__(self, run_dir: Path, cfg):
         super().__init__(run_dir, cfg)
         self.banks = self.folder / "banks"
+        self.last = self.folder / ("sparse" if cfg.prune.granularity == "element" else "export")  # written last
 
     def finished(self) -> bool:
         """Whether an earlier attempt finished the run (`trainer.resume`)."""
-        done = self.resume and (self.folder / "model" / "config.json").exists() and (self.folder / "sparse").exists()
+        done = self.resume and (self.folder / "model" / "config.json").exists() and self.last.exists()
         if done:
             self.drop_checkpoints()
         return done
@@ -199,9 +202,11 @@ class MovementStage(Stage):
             append_metrics(self.folder, rows)  # replaces the rows of an epoch evaluated before a crash
         crash_point("epoch_evaluated")
 
-    def save_result(self, model, tokenizer, notes: list[str]) -> None:
-        """The run's model (scores folded) as a standard checkpoint, `model/`, then a compact one, `sparse/`; `notes`
-        (how the run went off its schedule) on the last epoch's metrics rows."""
+    def save_result(self, model, tokenizer, notes: list[str], unit_masks: dict | None = None) -> None:
+        """The run's model (scores folded) as a standard checkpoint, `model/`, then a compact one, `sparse/`, or,
+        given the `unit_masks` of a structured run, those masks and the model without the units they remove,
+        `export/` (`model` is then shrunk in place); `notes` (how the run went off its schedule) on the last epoch's
+        metrics rows."""
         if not self.writes:
             return
         if notes:
@@ -211,8 +216,12 @@ class MovementStage(Stage):
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, self.folder / "model")
         crash_point("model_published")
-        save_sparse(model, self.folder / "sparse.tmp", tokenizer=tokenizer)
-        publish_dir(self.folder / "sparse.tmp", self.folder / "sparse")
+        if unit_masks is None:
+            save_sparse(model, self.folder / "sparse.tmp", tokenizer=tokenizer)
+            publish_dir(self.folder / "sparse.tmp", self.last)
+        else:
+            save_tensors_atomic(unit_masks, self.folder / "masks.safetensors")
+            export_pruned(model, unit_masks["head_mask"], unit_masks["ffn_mask"], self.last, tokenizer=tokenizer)
         self.drop_checkpoints()
 
     def _record_warnings(self, notes: list[str]) -> None:

@@ -2,7 +2,8 @@
 straight-through gradients to S, Top-K (CAP-m) or threshold (CAP-soft) masks, the cubic level schedule, the L1
 regulariser, and a λ controller that lands CAP-soft on a target sparsity (beyond the original).
 
-Scores are attached with torch.nn.utils.parametrize: the Hugging Face classes stay unmodified."""
+Scores are attached with torch.nn.utils.parametrize: the Hugging Face classes stay unmodified. One score per weight
+(`element`, the paper's) or per head and FFN neuron (`structured`: cap/pruning/granularity.py)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from cap.pruning.granularity import GRANULARITIES, structured_parametrizations, weighted_quantile
 from cap.pruning.structured import encoder_layers
 
 PRUNED_MODULES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -19,12 +21,11 @@ SOFT_FLOOR = 0.005  # CAP-soft keeps at least 0.5 % of every matrix (spec Q17)
 
 
 class _TopK(torch.autograd.Function):
-    """1 for the int(keep·numel) largest scores of the matrix; straight-through backward."""
+    """1 for the k largest scores; straight-through backward."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor, keep: float) -> Tensor:
+    def forward(ctx, scores: Tensor, k: int) -> Tensor:
         mask = torch.zeros_like(scores)
-        k = int(keep * scores.numel())
         if k > 0:
             mask.view(-1)[torch.topk(scores.flatten(), k, sorted=False).indices] = 1
         return mask
@@ -51,7 +52,8 @@ class _Threshold(torch.autograd.Function):
 
 
 def topk_mask(scores: Tensor, keep_fraction: float) -> Tensor:
-    return _TopK.apply(scores, keep_fraction)
+    """1 for the int(keep_fraction·numel) largest scores of the matrix (spec §5.2)."""
+    return _TopK.apply(scores, int(keep_fraction * scores.numel()))
 
 
 def threshold_mask(scores: Tensor, threshold: float) -> Tensor:
@@ -75,14 +77,22 @@ class MaskedWeight(nn.Module):
     """The parametrization W -> M(S) ⊙ W of one matrix; S [out, in] is this module's parameter (unused, and never
     updated, by the magnitude criterion)."""
 
+    owns_scores, entries_per_score = True, 1  # as granularity.UnitMaskedWeight, whose scores may be another's
+
     def __init__(self, shape, state: "MovementScores", init: float):
         super().__init__()
         self.scores = nn.Parameter(torch.full(shape, float(init)))
         self._state = [state]  # a list: not registered as a submodule
 
-    def forward(self, weight: Tensor) -> Tensor:
+    def unit_scores(self) -> Tensor:
+        return self.scores
+
+    def mask(self, weight: Tensor) -> Tensor:
         state = self._state[0]
-        return weight * criterion_mask(state.criterion, self.scores, weight, state.level).to(weight.dtype)
+        return criterion_mask(state.criterion, self.scores, weight, state.level).to(weight.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask(weight)
 
 
 def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -100,18 +110,27 @@ def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 class MovementScores:
     """Scores on all prunable matrices of `model` and the current level (keep fraction ρ or threshold τ)."""
 
-    def __init__(self, model: nn.Module, criterion: str, init: float = 0.0):
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion={criterion!r}: use one of {', '.join(CRITERIA)}")
-        self.model, self.criterion = model, criterion
+    def __init__(self, model: nn.Module, criterion: str, init: float = 0.0, granularity: str = "element"):
+        if criterion not in CRITERIA or granularity not in GRANULARITIES or (criterion, granularity) == (
+                "magnitude", "structured"):
+            raise ValueError(f"criterion={criterion!r}, granularity={granularity!r}: use one of {', '.join(CRITERIA)} "
+                             f"and one of {', '.join(GRANULARITIES)} (magnitude: element only)")
+        self.model, self.criterion, self.granularity = model, criterion, granularity
         self.level = 0.0 if criterion == "soft" else 1.0
         self.linears = prunable_linears(model)
-        for _, linear in self.linears:
-            parametrize.register_parametrization(linear, "weight", MaskedWeight(linear.weight.shape, self, init))
+        if granularity == "element":
+            masks = [MaskedWeight(linear.weight.shape, self, init) for _, linear in self.linears]
+        else:
+            binarizers = (_TopK.apply, threshold_mask)  # Top-K of a count of units, and the soft threshold
+            masks = [m for layer in encoder_layers(model) for m in structured_parametrizations(layer, self, init,
+                                                                                                binarizers)]
+        for (_, linear), mask in zip(self.linears, masks):
+            parametrize.register_parametrization(linear, "weight", mask)
 
     @classmethod
-    def attach(cls, model: nn.Module, criterion: str, *, init: float = 0.0) -> "MovementScores":
-        return cls(model, criterion, init)
+    def attach(cls, model: nn.Module, criterion: str, *, init: float = 0.0,
+               granularity: str = "element") -> "MovementScores":
+        return cls(model, criterion, init, granularity)
 
     def set_level(self, value: float) -> None:
         self.level = float(value)
@@ -120,7 +139,7 @@ class MovementScores:
         return [(name, linear.parametrizations.weight) for name, linear in self.linears]
 
     def score_parameters(self) -> list[nn.Parameter]:
-        return [p[0].scores for _, p in self._weights()]
+        return [p[0].scores for _, p in self._weights() if p[0].owns_scores]
 
     def param_groups(self, *, lr: float, weight_decay: float, score_lr: float) -> list[dict]:
         """Optimizer groups: the model's trainable weights with weight decay, its biases and LayerNorm weights
@@ -136,19 +155,32 @@ class MovementScores:
 
     @torch.no_grad()
     def masks(self) -> dict[str, Tensor]:
-        return {name: criterion_mask(self.criterion, p[0].scores, p.original, self.level).bool()
-                for name, p in self._weights()}
+        return {name: p[0].mask(p.original).bool() for name, p in self._weights()}
+
+    @torch.no_grad()
+    def unit_masks(self) -> dict[str, Tensor]:
+        """Structured granularity: `head_mask` [L, A] and `ffn_mask` [L, F] (1 keep), as `cap.export` takes them."""
+        owners = [p[0] for _, p in self._weights() if p[0].owns_scores]  # per layer: the query's, the FFN input's
+        return {"head_mask": torch.stack([m.unit_mask() for m in owners[0::2]]).float().cpu(),
+                "ffn_mask": torch.stack([m.unit_mask() for m in owners[1::2]]).float().cpu()}
+
+    def quantile_inputs(self) -> tuple[list[Tensor], list[int] | None]:
+        """What `SparsityController.update` reads: every score tensor, and (structured) the entries one score masks
+        in each of the matrices it serves; None: one entry each."""
+        if self.granularity == "element":
+            return self.score_parameters(), None
+        return [p[0].unit_scores() for _, p in self._weights()], [p[0].entries_per_score for _, p in self._weights()]
 
     def regularization(self) -> Tensor:
-        """R_L1 = mean over matrices of Σ sigmoid(S) / numel (spec §5.3)."""
-        scores = self.score_parameters()
+        """R_L1 = mean over matrices of Σ sigmoid(S) / numel (spec §5.3); structured: of the unit scores'."""
+        scores = [p[0].unit_scores() for _, p in self._weights()]
         return sum(torch.sigmoid(s).mean() for s in scores) / len(scores)
 
     def sparsity(self) -> dict[str, float]:
         """`entries`: fraction of the prunable matrices' entries masked; `encoder_params`: fraction of all encoder
         parameters (biases and LayerNorms count as kept) that are masked (spec Q13)."""
         masked = sum(int((~m).sum()) for m in self.masks().values())
-        entries = sum(p[0].scores.numel() for _, p in self._weights())
+        entries = sum(p.original.numel() for _, p in self._weights())
         encoder = sum(p.numel() for n, p in self.model.base_model.encoder.named_parameters() if "scores" not in n)
         return {"entries": masked / entries, "encoder_params": masked / encoder}
 
@@ -231,8 +263,10 @@ class SparsityController:
                           for s, rows in zip(scores, self._rows)])
         return float(flat.float().kthvalue(max(int(self.target * flat.numel()), 1)).values)
 
-    def update(self, scores: list[Tensor], step: int, lr: float, active: bool = True) -> float:
-        q = self._quantile(scores)
+    def update(self, scores: list[Tensor], step: int, lr: float, active: bool = True,
+               weights: list[int] | None = None) -> float:
+        """`weights`: the matrix entries one score of each tensor masks (structured scores), None: one each."""
+        q = self._quantile(scores) if weights is None else weighted_quantile(scores, weights, self.target)
         if self.quantile is not None:
             move = q - self.quantile
             self.velocity = move if self.velocity is None else self.beta * self.velocity + (1 - self.beta) * move

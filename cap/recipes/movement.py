@@ -24,6 +24,7 @@ from cap.data import get_task, read_glue_split
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints, this_process
+from cap.pruning.granularity import GRANULARITIES
 from cap.pruning.movement import (CRITERIA, MovementScores, SparsityController, lambda_schedule, schedule_phases,
                                   threshold_schedule)
 from cap.recipes import nominal_sparsity
@@ -46,6 +47,9 @@ def check_levels(p) -> None:
         raise UserError(f"prune.criterion={p.criterion}: use topk (CAP-m), soft (CAP-soft) or magnitude (Top-K of |W|)")
     if p.target_sparsity is not None and (p.criterion != "soft" or not 0 < p.target_sparsity < 1):
         raise UserError("prune.target_sparsity needs prune.criterion=soft (CAP-soft) and a value in (0, 1)")
+    if p.granularity not in GRANULARITIES or (p.granularity != "element" and p.criterion == "magnitude"):
+        raise UserError(f"prune.granularity={p.granularity}: use element (one score per weight) or structured (one "
+                        "per attention head and FFN neuron; with prune.criterion=topk or soft)")
 
 
 def planned_updates(cfg: DictConfig, n_train: int | None, world_size: int) -> tuple[int, int] | None:
@@ -125,8 +129,8 @@ def sparsity_warning(cfg: DictConfig, measured: float, controller: SparsityContr
     if abs(measured - nominal) <= OFF_NOMINAL:
         return None
     return (f"the run ended at {measured:.4f} sparsity, {100 * (measured - nominal):+.2f} points from the nominal "
-            f"{nominal:g} (1 - prune.final): Top-K keeps int(prune.final·size) entries of every matrix, so only very "
-            "small matrices round this far")
+            f"{nominal:g} (1 - prune.final): Top-K keeps int(prune.final·size) entries of every matrix (or, "
+            "structured, whole heads and FFN neurons of every layer), so only very small models round this far")
 
 
 class MovementSchedule(TrainerCallback):
@@ -150,8 +154,9 @@ class MovementSchedule(TrainerCallback):
         if p.criterion == "soft":
             if self.controller is not None:
                 lr = kwargs["optimizer"].param_groups[-1]["lr"]  # the scores' group
-                self.lam = self.controller.update(self.scores.score_parameters(), state.global_step, lr,
-                                                  active=level > p.initial)
+                scores, weights = self.scores.quantile_inputs()
+                self.lam = self.controller.update(scores, state.global_step, lr, active=level > p.initial,
+                                                  weights=weights)
             else:
                 self.lam = lambda_schedule(level, final_lambda=p.final_lambda, final=p.final)
 
@@ -215,7 +220,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     notes = [short_ramp] if short_ramp else []  # also written onto the final metrics rows
     if short_ramp:
         warnings.warn(short_ramp, stacklevel=1)
-    scores = MovementScores.attach(model, p.criterion)
+    scores = MovementScores.attach(model, p.criterion, granularity=p.granularity)
     banks = build_banks(cfg, data, model.config.hidden_size, max(cfg.trainer.epochs - 1, 0))
     args = training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir))
     controller = None
@@ -237,12 +242,14 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.release()
 
-    # fold the scores into hard zeros at the final level: a stock model, saved dense and compact
+    # fold the scores into hard zeros at the final level: a stock model, saved dense and compact (element) or
+    # physically smaller (structured: the heads and neurons removed, cap.export)
     scores.set_level(p.final)
     if miss := sparsity_warning(cfg, scores.sparsity()["entries"], controller):
         warnings.warn(miss, stacklevel=1)
         notes.append(miss)
+    unit_masks = scores.unit_masks() if p.granularity != "element" else None
     scores.fold()
-    stage.save_result(model, setup.tokenizer, notes)
+    stage.save_result(model, setup.tokenizer, notes, unit_masks)
     tracking.finish()
     return stage.rows()
