@@ -215,7 +215,7 @@ def carve(ds: datasets.Dataset, size: float, seed: int) -> tuple[datasets.Datase
     original ids); `carved` keeps its rows' ids."""
     n = int(round(size * len(ds))) if size < 1 else int(size)
     if not 0 < n < len(ds):
-        raise DataError(f"data.validation_from_train={size}: gives {n} of the {len(ds)} training rows; use a "
+        raise DataError(f"data.validation_from_train={size:g}: gives {n} of the {len(ds)} training rows; use a "
                         f"fraction in (0, 1) or a count in [1, {len(ds) - 1}]")
     rng = np.random.default_rng(seed)
     held = np.zeros(len(ds), dtype=bool)

@@ -81,7 +81,7 @@ def load_task_data(task: str, tokenizer, *, data_dir: str | Path | None = None, 
     if validation_from_train is not None:
         raw_train, carved = carve(raw_train, validation_from_train, seed)
         print(f"eval split {CARVED_SPLIT}: {len(carved)} training rows held out (data.validation_from_train="
-              f"{validation_from_train}, seed {seed}); the other {len(raw_train)} are the training pool")
+              f"{validation_from_train:g}, seed {seed}); the other {len(raw_train)} are the training pool")
     elif CARVED_SPLIT in splits:
         raise DataError(f"data.eval_split={CARVED_SPLIT} is carved from the training set: set "
                         "data.validation_from_train (e.g. 0.1 of the training rows)")
