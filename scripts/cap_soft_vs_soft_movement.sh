@@ -3,7 +3,8 @@
 # one movement variant that learns at CPU scale): preset minilm/sst2_cap_soft (MiniLM, 2,000 SST-2 sentences, 10
 # epochs, the controller steering to 90 %), contrast.enabled=true,false, seeds 1-3, the subset and the teacher pinned
 # to seed 42; then cap.report of the finished runs into results/minilm-sst2-cap-soft-vs-soft/ (CAP-soft = ablation
-# "full", soft movement = "baseline"). Re-running resumes. About 9 minutes a run on 2 idle cores (not yet run).
+# "full", soft movement = "baseline"). Re-running resumes. About 12 minutes a CAP-soft run and 10 a soft-movement
+# run on 2 idle cores; seeds 1-2 are committed, seed 3 was cut off by the compute budget.
 # Usage: scripts/cap_soft_vs_soft_movement.sh [work dir, default multiruns/minilm-sst2-cap-soft-vs-soft] [--report-only]
 set -euo pipefail
 STUDY=minilm-sst2-cap-soft-vs-soft

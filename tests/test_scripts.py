@@ -1,5 +1,6 @@
 """scripts/oneshot_masks.py on the tiny SST-2 teacher: what its masks keep (read back from its JSON), and the
-movement scores it learns; scripts/scale_report.py on fake run dirs."""
+movement scores it learns; the study reports (scale_report.py, select_report.py, gradient_balance.py) on fake run
+dirs; and every committed study's tables are what its committed runs give."""
 import argparse
 import importlib.util
 import json
@@ -137,3 +138,72 @@ def test_the_committed_gradient_balance_is_what_its_points_give(tmp_path):
     shutil.copy(committed / "balance.json", tmp_path / "balance.json")
     script_module("gradient_balance").main(["--from-json", "--out", str(tmp_path)])
     assert (tmp_path / "balance.md").read_text() == (committed / "balance.md").read_text()
+
+
+def test_select_report_chooses_on_trainval_and_reads_dev_beside_the_scale_runs(tmp_path):
+    """scripts/select_report.py: phase 1 ranks the CAP-f candidates by trainval accuracy (the baseline is only the
+    reference), waits for every candidate's seeds, and phase 2 puts the chosen runs beside the scale study's runs of
+    the same size, each minus the baseline paired by seed."""
+    from test_report import cap_f_rows, fake_run
+
+    def rows(acc50, acc90, split):
+        return [{**r, "split": split} for r in cap_f_rows(acc50, acc90)]
+
+    runs, scale = tmp_path / "runs", tmp_path / "scale"
+    common = {"data": {"max_train_samples": 1000}}
+    candidates = {("cls", 0.3): (0.70, 0.60), ("mean", 0.3): (0.74, 0.66), ("cls", 0.03): (0.75, 0.62)}
+    for seed in (1, 2):
+        for (pooling, weight), (a50, a90) in candidates.items():
+            fake_run(runs / f"select/{pooling}-{weight}-{seed}", "sst2", "cap_f", seed,
+                     rows(a50 + seed / 100, a90, "trainval"), contrast={"pooling": pooling, "unsup_weight": weight},
+                     **common)
+        if seed == 1:  # the baseline's seed 2 is missing: no choice yet
+            fake_run(runs / f"select/base-{seed}", "sst2", "cap_f", seed, rows(0.9, 0.9, "trainval"),
+                     contrast={"enabled": False}, **common)
+    fake_run(runs / "select/base-2", "sst2", "cap_f", 2, rows(0.77, 0.67, "trainval")[:1],  # under way: 50 % only
+             contrast={"enabled": False}, **common)
+    script = script_module("select_report")
+    out = script.main([str(runs), "--scale", str(scale), "--out", str(tmp_path / "out")])
+    assert not (out / "choice.json").exists() and not (out / "dev.md").exists()
+    (runs / "select/base-2/metrics.json").write_text(json.dumps(rows(0.77, 0.67, "trainval")))  # finished
+    script.main([str(runs), "--scale", str(scale), "--out", str(out)])
+    choice = json.loads((out / "choice.json").read_text())
+    assert choice["chosen"] == ["contrast.pooling=mean", "contrast.unsup_weight=0.3"]  # 70.75 vs 69.25 vs 65.75
+    assert "| contrast.pooling=mean contrast.unsup_weight=0.3 | 0.5 | 2 | 75.50 ± 0.71 | -8.00 ± 9.90 |" in \
+        (out / "selection.md").read_text()
+
+    for seed, (chosen, paper, base) in {1: (0.80, 0.70, 0.78), 2: (0.82, 0.68, 0.79)}.items():
+        fake_run(runs / f"dev/{seed}", "sst2", "cap_f", seed, rows(chosen, 0.5, "validation"),
+                 contrast={"pooling": "mean", "unsup_weight": 0.3}, **common)
+        fake_run(scale / f"paper-{seed}", "sst2", "cap_f", seed, rows(paper, 0.5, "validation"), **common)
+        fake_run(scale / f"base-{seed}", "sst2", "cap_f", seed, rows(base, 0.5, "validation"),
+                 contrast={"enabled": False}, **common)
+        fake_run(scale / f"big-{seed}", "sst2", "cap_f", seed, rows(0.1, 0.1, "validation"),
+                 data={"max_train_samples": 8000})  # another size: not read
+    script.main([str(runs), "--scale", str(scale), "--out", str(out)])
+    dev = (out / "dev.md").read_text()
+    assert "| baseline | 0.5 | 2 | 78.50 ± 0.71 |  |" in dev
+    assert "| contrast.pooling=mean contrast.unsup_weight=0.3 | 0.5 | 2 | 81.00 ± 1.41 | +2.50 ± 0.71 |" in dev
+    assert "| contrast.pooling=cls contrast.unsup_weight=0.3 | 0.5 | 2 | 69.00 ± 1.41 | -9.50 ± 2.12 |" in dev
+    assert (out / "select.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_committed_contrast_selection_is_what_its_runs_give(tmp_path):
+    """results/minilm-sst2-select/ (scripts/select_contrast_minilm_sst2.sh): the trainval table, the choice and the
+    dev table are what scripts/select_report.py makes of the committed runs (and the scale study's)."""
+    committed = REPO / "results" / "minilm-sst2-select"
+    script_module("select_report").main([str(committed / "runs"), "--scale",
+                                         str(REPO / "results" / "minilm-sst2-scale" / "runs"), "--out", str(tmp_path)])
+    for name in ("selection.md", "selection.csv", "choice.json", "dev.md", "dev.csv"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
+
+
+def test_the_committed_cap_soft_study_is_what_its_runs_give(tmp_path):
+    """results/minilm-sst2-cap-soft-vs-soft/ (scripts/cap_soft_vs_soft_movement.sh): cap.report's table of the
+    committed runs."""
+    from cap.report import main as report
+
+    committed = REPO / "results" / "minilm-sst2-cap-soft-vs-soft"
+    report([str(committed / "runs"), "--out", str(tmp_path)])
+    for name in ("table.md", "table.csv"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
