@@ -207,3 +207,17 @@ def test_the_committed_cap_soft_study_is_what_its_runs_give(tmp_path):
     report([str(committed / "runs"), "--out", str(tmp_path)])
     for name in ("table.md", "table.csv"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
+
+
+def test_epoch_curves_read_every_epoch_of_movement_runs(tmp_path):
+    """scripts/epoch_curves.py: one curve per movement run (CAP-f runs skipped), every epoch, CAP first."""
+    from test_report import cap_f_rows, cap_m_rows, fake_run
+
+    fake_run(tmp_path / "base", "sst2", "cap_m", 1, cap_m_rows(0.5, 0.4), contrast={"enabled": False})
+    fake_run(tmp_path / "cap", "sst2", "cap_m", 1, cap_m_rows(0.8, 0.7))
+    fake_run(tmp_path / "f", "sst2", "cap_f", 1, cap_f_rows(0.8, 0.7))
+    script = script_module("epoch_curves")
+    runs = script.curves(tmp_path, split="heldout")
+    assert [(c["ablation"], c["epochs"]) for c in runs] == [("full", [1, 2, 3]), ("baseline", [1, 2, 3])]
+    assert runs[0]["metric"] == [50.0, 50.0, 80.0] and abs(runs[0]["sparsity"][-1] - 90.04) < 1e-9
+    assert script.plot(runs, tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,66 @@
+"""Per-epoch curves of movement-pruning runs (CAP-m / CAP-soft): dev metric and sparsity after every epoch, one line
+per run, coloured by ablation (CAP = "full", no contrastive terms = "baseline"), so a collapse shows where it happens.
+
+    python scripts/epoch_curves.py results/minilm-sst2-cap-soft-vs-soft/runs \
+        --out results/minilm-sst2-cap-soft-vs-soft/epochs.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cap.report import MOVEMENT, ablation
+
+
+def curves(root: Path, split: str = "validation", metric: str = "accuracy") -> list[dict]:
+    """One record per finished movement run under `root`: its ablation label, seed, and per-epoch rows."""
+    out = []
+    for metrics in sorted(root.rglob("metrics.json")):
+        config = next((p for p in (metrics.parent / ".hydra" / "config.yaml", metrics.parent / "config.yaml")
+                       if p.exists()), None)
+        if config is None:
+            continue
+        cfg = OmegaConf.load(config)
+        if cfg.method.name not in MOVEMENT:
+            continue
+        rows = [r for r in json.loads(metrics.read_text()) if r["split"] == split and metric in r]
+        out.append({"ablation": ablation(cfg), "seed": cfg.seed, "epochs": [r["stage"] for r in rows],
+                    "metric": [100 * r[metric] for r in rows], "sparsity": [100 * r["sparsity"] for r in rows]})
+    return sorted(out, key=lambda c: (c["ablation"] != "full", c["ablation"], c["seed"]))
+
+
+def plot(runs: list[dict], path: Path, metric: str = "accuracy") -> Path:
+    from matplotlib.figure import Figure
+
+    labels = list(dict.fromkeys(c["ablation"] for c in runs))
+    fig = Figure(figsize=(10, 4))
+    acc, spars = fig.subplots(1, 2)
+    for c in runs:
+        style = {"color": f"C{labels.index(c['ablation'])}", "marker": "o", "markersize": 3,
+                 "label": f"{c['ablation']}, seed {c['seed']}"}
+        acc.plot(c["epochs"], c["metric"], **style)
+        spars.plot(c["epochs"], c["sparsity"], **style)
+    acc.set(xlabel="epoch", ylabel=f"dev {metric} (%)", title=f"dev {metric} after each epoch")
+    spars.set(xlabel="epoch", ylabel="sparsity (%)", title="sparsity after each epoch")
+    acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="a folder above movement run dirs")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args(argv)
+    runs = curves(args.runs)
+    if not runs:
+        raise SystemExit(f"{args.runs}: no finished CAP-m / CAP-soft run (metrics.json + config)")
+    return plot(runs, args.out)
+
+
+if __name__ == "__main__":
+    main()
