@@ -83,7 +83,7 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
             if key not in NEUTRAL_KEYS and not key.startswith(NEUTRAL_PREFIXES)}
 
 
-def _finished_runs(root: Path):
+def finished_runs(root: Path):
     """(metrics rows, config path) of every dir under `root` holding metrics.json rows and a config."""
     for metrics in sorted(root.rglob("metrics.json")):
         config = next((p for p in (metrics.parent / ".hydra" / "config.yaml", metrics.parent / "config.yaml")
@@ -103,7 +103,7 @@ def collect_runs(dirs) -> list[dict]:
         if not root.is_dir():
             raise UserError(f"{root}: no such directory")
         found = 0
-        for rows, config in _finished_runs(root):
+        for rows, config in finished_runs(root):
             found += 1
             if config.resolve() in seen:  # the same run reached from two of the given dirs
                 continue

@@ -7,26 +7,21 @@ per run, coloured by ablation (CAP = "full", no contrastive terms = "baseline"),
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cap.report import MOVEMENT, ablation
+from cap.report import MOVEMENT, ablation, finished_runs
 
 
 def curves(root: Path, split: str = "validation", metric: str = "accuracy") -> list[dict]:
     """One record per finished movement run under `root`: its ablation label, seed, and per-epoch rows."""
     out = []
-    for metrics in sorted(root.rglob("metrics.json")):
-        config = next((p for p in (metrics.parent / ".hydra" / "config.yaml", metrics.parent / "config.yaml")
-                       if p.exists()), None)
-        if config is None:
-            continue
+    for rows, config in finished_runs(root):
         cfg = OmegaConf.load(config)
         if cfg.method.name not in MOVEMENT:
             continue
-        rows = [r for r in json.loads(metrics.read_text()) if r["split"] == split and metric in r]
+        rows = [r for r in rows if r["split"] == split and metric in r]
         out.append({"ablation": ablation(cfg), "seed": cfg.seed, "epochs": [r["stage"] for r in rows],
                     "metric": [100 * r[metric] for r in rows], "sparsity": [100 * r["sparsity"] for r in rows]})
     return sorted(out, key=lambda c: (c["ablation"] != "full", c["ablation"], c["seed"]))
