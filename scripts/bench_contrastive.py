@@ -4,18 +4,19 @@
 (b) bank-encoding throughput / plain eval-forward throughput (target >= 0.9),
 (c) bank bytes / (N · R · H · itemsize) (1.0: no hidden copies).
 
-    python scripts/bench_contrastive.py [--items 67349] [--repeats 5]   -> results/bench/contrastive.json
+(a) and (b) time their two things interleaved and report the median of the per-round ratios (`interleaved.py`).
+
+    python scripts/bench_contrastive.py [--items 67349] [--rounds 5]   -> results/bench/contrastive.json
 """
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
@@ -26,25 +27,16 @@ from cap.banks import encode_into
 from cap.contrastive import RepresentationBank
 from cap.models import resolve_model_path
 from cap.trainer import CAPTrainer, Contrast, LossWeights
+from interleaved import interleaved_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, SEQ = 32, 128
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=67349, help="bank rows N (default: SST-2's training set)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--encode-items", type=int, default=512)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -79,8 +71,7 @@ def main() -> None:
             student.zero_grad(set_to_none=True)
         return run
 
-    plain_s = median_seconds(step(plain), args.repeats)
-    cap_s = median_seconds(step(cap), args.repeats)
+    steps = interleaved_ratio(step(plain), step(cap), args.rounds, min_seconds=0)
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = torch.randint(1000, 30000, (args.encode_items, SEQ))
@@ -98,17 +89,18 @@ def main() -> None:
         bank = RepresentationBank(args.encode_items, hidden, max_reps=1)
         encode_into(bank, student, data, collator, batch_size=128)
 
-    eval_s = median_seconds(eval_forward, max(2, args.repeats // 2))
-    encode_s = median_seconds(encode, max(2, args.repeats // 2))
+    passes = interleaved_ratio(eval_forward, encode, max(3, args.rounds // 2 + 1), min_seconds=0)
+    eval_s, encode_s = passes["baseline_s"], passes["candidate_s"]
 
     expected = sum(b.n_items * b.max_reps * hidden * b.storage.element_size() for b in banks.values())
     result = {
         "model": "all-MiniLM-L6-v2", "batch": BATCH, "seq": SEQ, "extra_examples": 4096, "bank_items": n,
         "bank_reps": {k: b.max_reps for k, b in banks.items()}, "bank_dtype": "float16",
-        "plain_step_s": round(plain_s, 4), "cap_step_s": round(cap_s, 4),
-        "step_ratio": round(cap_s / plain_s, 3),
+        "rounds": args.rounds, "plain_step_s": round(steps["baseline_s"], 4), "cap_step_s": round(steps["candidate_s"], 4),
+        "step_ratio": round(steps["ratio"], 3), "step_ratio_range": [round(r, 3) for r in steps["ratio_range"]],
         "eval_items_per_s": round(args.encode_items / eval_s, 1), "encode_items_per_s": round(args.encode_items / encode_s, 1),
-        "encode_throughput_ratio": round(eval_s / encode_s, 3),
+        "encode_throughput_ratio": round(1 / passes["ratio"], 3),
+        "encode_throughput_ratio_range": [round(1 / r, 3) for r in reversed(passes["ratio_range"])],
         "bank_bytes": sum(b.nbytes for b in banks.values()), "bank_bytes_expected": expected,
         "bank_bytes_ratio": round(sum(b.nbytes for b in banks.values()) / expected, 3),
         "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,

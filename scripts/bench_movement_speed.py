@@ -5,28 +5,27 @@ at batch 1 and 32, seq 128, 2 threads.
 - structured: the run's export (`cap.export`: the masked heads and FFN neurons removed), run as exported;
 - element: the folded model, its scattered zeros run dense (the honest baseline: stock PyTorch gains nothing).
 
-Scores are random (Top-K per layer or per matrix): latency depends on shapes, not on which units are kept. On a
-shared machine the load can change during a run, so the two models are timed back to back in every round (the
-order alternating from round to round) and the median of the per-round ratios is reported.
+Scores are random (Top-K per layer or per matrix): latency depends on shapes, not on which units are kept. The two
+models are timed interleaved, and the median of the per-round ratios is reported (`interleaved.py`).
 
     python scripts/bench_movement_speed.py   -> results/bench/movement_speed.json
 """
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from cap.export import export_pruned, load_pruned  # noqa: E402
 from cap.models import resolve_model_path  # noqa: E402
 from cap.pruning.movement import MovementScores  # noqa: E402
+from interleaved import interleaved_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, THREADS, BATCHES, SPARSITIES, ROUNDS = 128, 2, (1, 32), (0.5, 0.9), 9
@@ -57,29 +56,15 @@ def pruned_model(build, granularity: str, sparsity: float, seed: int = 0):
         return load_pruned(out), kept
 
 
-def interleaved_ratio(dense, pruned, batch: int, rounds: int = ROUNDS, seq: int = SEQ) -> dict:
-    """Median over `rounds` of t(pruned) / t(dense), both timed within each round, and the medians of each."""
+def timed_pair(dense, pruned, batch: int, rounds: int = ROUNDS, seq: int = SEQ) -> dict:
+    """Forward passes of `dense` and `pruned` on one random batch, timed interleaved (`interleaved.py`)."""
     ids = torch.randint(1000, 30000, (batch, seq), generator=torch.Generator().manual_seed(batch))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def timed(model, calls: int) -> float:
-        start = time.perf_counter()
-        for _ in range(calls):
-            model(**inputs)
-        return (time.perf_counter() - start) / calls
-
     with torch.inference_mode():
-        calls = max(1, round(MIN_SECONDS / timed(dense, 1)))  # the first call also warms the dense model up
-        timed(pruned, 1)
-        times = {"dense": [], "pruned": []}
-        for r in range(rounds):
-            for name in (("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")):
-                times[name].append(timed(dense if name == "dense" else pruned, calls))
-    ratios = [p / d for p, d in zip(times["pruned"], times["dense"])]
-    return {"latency_ratio": round(statistics.median(ratios), 3),
-            "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
-            "dense_latency_s": round(statistics.median(times["dense"]), 5),
-            "pruned_latency_s": round(statistics.median(times["pruned"]), 5), "calls_per_round": calls}
+        t = interleaved_ratio(lambda: dense(**inputs), lambda: pruned(**inputs), rounds, MIN_SECONDS)
+    return {"latency_ratio": round(t["ratio"], 3), "ratio_range": [round(r, 3) for r in t["ratio_range"]],
+            "dense_latency_s": round(t["baseline_s"], 5), "pruned_latency_s": round(t["candidate_s"], 5),
+            "calls_per_round": t["calls_per_round"]}
 
 
 def main() -> None:
@@ -95,7 +80,7 @@ def main() -> None:
         for sparsity in SPARSITIES:
             pruned, kept = pruned_model(build, granularity, sparsity)
             for batch in BATCHES:
-                timing = interleaved_ratio(dense, pruned, batch)
+                timing = timed_pair(dense, pruned, batch)
                 rows.append({"granularity": granularity, "sparsity": sparsity, "batch": batch,
                              "latency_ratio": timing.pop("latency_ratio"),
                              "parameters_ratio": round(n_parameters(pruned) / n_parameters(dense), 3),

@@ -238,7 +238,7 @@ def test_the_speed_bench_times_what_it_says_on_a_tiny_model(monkeypatch):
     (small, kept_small), (zeros, kept_zeros) = (bench.pruned_model(build, g, 0.7) for g in ("structured", "element"))
     assert kept_small == pytest.approx(0.3, abs=0.005) and kept_zeros == pytest.approx(0.3, abs=0.005)
     assert bench.n_parameters(small) < bench.n_parameters(dense) == bench.n_parameters(zeros)
-    timing = bench.interleaved_ratio(dense, small, batch=2, rounds=3, seq=8)
+    timing = bench.timed_pair(dense, small, batch=2, rounds=3, seq=8)
     assert timing["ratio_range"][0] <= timing["latency_ratio"] <= timing["ratio_range"][1]
     assert timing["dense_latency_s"] > 0 and timing["calls_per_round"] >= 1
 

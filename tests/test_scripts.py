@@ -210,14 +210,40 @@ def test_the_committed_cap_soft_study_is_what_its_runs_give(tmp_path):
 
 
 def test_epoch_curves_read_every_epoch_of_movement_runs(tmp_path):
-    """scripts/epoch_curves.py: one curve per movement run (CAP-f runs skipped), every epoch, CAP first."""
+    """scripts/epoch_curves.py: one curve per movement run under the given folders (CAP-f runs skipped), every
+    epoch, CAP first, structured scores set apart."""
     from test_report import cap_f_rows, cap_m_rows, fake_run
 
-    fake_run(tmp_path / "base", "sst2", "cap_m", 1, cap_m_rows(0.5, 0.4), contrast={"enabled": False})
-    fake_run(tmp_path / "cap", "sst2", "cap_m", 1, cap_m_rows(0.8, 0.7))
-    fake_run(tmp_path / "f", "sst2", "cap_f", 1, cap_f_rows(0.8, 0.7))
+    fake_run(tmp_path / "a" / "base", "sst2", "cap_m", 1, cap_m_rows(0.5, 0.4), contrast={"enabled": False})
+    fake_run(tmp_path / "a" / "cap", "sst2", "cap_m", 1, cap_m_rows(0.8, 0.7))
+    fake_run(tmp_path / "a" / "f", "sst2", "cap_f", 1, cap_f_rows(0.8, 0.7))
+    fake_run(tmp_path / "b" / "cap", "sst2", "cap_m", 2, cap_m_rows(0.7, 0.6), prune={"granularity": "structured"})
     script = script_module("epoch_curves")
-    runs = script.curves(tmp_path, split="heldout")
-    assert [(c["ablation"], c["epochs"]) for c in runs] == [("full", [1, 2, 3]), ("baseline", [1, 2, 3])]
+    runs = script.curves([tmp_path / "a", tmp_path / "b"], split="heldout")
+    assert [(c["series"], c["seed"], c["epochs"]) for c in runs] == [
+        ("full", 1, [1, 2, 3]), ("full, structured", 2, [1, 2, 3]), ("baseline", 1, [1, 2, 3])]
     assert runs[0]["metric"] == [50.0, 50.0, 80.0] and abs(runs[0]["sparsity"][-1] - 90.04) < 1e-9
     assert script.plot(runs, tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interleaved_timing_cancels_a_load_change_between_rounds(monkeypatch):
+    """The benches' timer (scripts/interleaved.py) on a fake clock: the two things alternate which goes first, and
+    a round where the machine gets 10x slower for both leaves the reported ratio alone."""
+    interleaved = script_module("interleaved")
+    clock, order = [0.0], []
+    monkeypatch.setattr(interleaved.time, "perf_counter", lambda: clock[0])
+
+    def thing(name, cost):
+        def call():
+            order.append(name)
+            measured_round = (len(order) - 3) // 2  # after one warm-up call each
+            clock[0] += cost * (10 if measured_round == 2 else 1)
+        return call
+
+    t = interleaved.interleaved_ratio(thing("a", 2.0), thing("b", 1.0), rounds=5, min_seconds=0)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    assert t["ratio"] == 0.5 and t["ratio_range"] == [0.5, 0.5] and t["calls_per_round"] == 1
+    assert t["baseline_s"] == 2.0 and t["candidate_s"] == 1.0
+    # a measurement repeats the call until the baseline has taken about min_seconds (a: 2 s a call)
+    calls = interleaved.interleaved_ratio(thing("a", 2.0), thing("b", 1.0), rounds=1, min_seconds=4.0)
+    assert calls["calls_per_round"] == 2
