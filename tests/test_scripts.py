@@ -5,6 +5,7 @@ import argparse
 import importlib.util
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -198,13 +199,20 @@ def test_the_committed_contrast_selection_is_what_its_runs_give(tmp_path):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
 
 
-def test_the_committed_cap_soft_study_is_what_its_runs_give(tmp_path):
-    """results/minilm-sst2-cap-soft-vs-soft/ (scripts/cap_soft_vs_soft_movement.sh): cap.report's table of the
-    committed runs."""
+@pytest.mark.parametrize("study, element_runs", [
+    ("minilm-sst2-cap-soft-vs-soft", None),  # scripts/cap_soft_vs_soft_movement.sh
+    ("minilm-sst2-movement", None),  # scripts/movement_vs_magnitude_minilm_sst2.sh
+    # scripts/structured_vs_element_cap_soft.sh: its structured runs beside the CAP-soft study's element runs
+    ("minilm-sst2-structured-cap-soft", "minilm-sst2-cap-soft-vs-soft/runs/sst2/cap_soft/contrast.enabled=True,*"),
+])
+def test_the_committed_movement_studies_are_what_their_runs_give(study, element_runs, tmp_path):
+    """results/<study>/: cap.report's table of the committed runs (the command its script ends with)."""
     from cap.report import main as report
 
-    committed = REPO / "results" / "minilm-sst2-cap-soft-vs-soft"
-    report([str(committed / "runs"), "--out", str(tmp_path)])
+    committed = REPO / "results" / study
+    extra = sorted(map(str, (REPO / "results").glob(element_runs))) if element_runs else []
+    assert element_runs is None or extra
+    report([str(committed / "runs"), *extra, "--out", str(tmp_path)])
     for name in ("table.md", "table.csv"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
 
