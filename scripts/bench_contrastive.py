@@ -103,6 +103,8 @@ def main() -> None:
         "encode_throughput_ratio_range": [round(1 / r, 3) for r in reversed(passes["ratio_range"])],
         "bank_bytes": sum(b.nbytes for b in banks.values()), "bank_bytes_expected": expected,
         "bank_bytes_ratio": round(sum(b.nbytes for b in banks.values()) / expected, 3),
+        "note": "ratios: median over rounds of the per-round ratio (the two timed back to back); *_s and "
+                "*_items_per_s: from each one's median time, so their quotient need not equal the ratio",
         "machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }

@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from cap.export import export_pruned, load_pruned  # noqa: E402
 from cap.models import resolve_model_path  # noqa: E402
-from interleaved import interleaved_ratio  # noqa: E402
+from interleaved import forward_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, SEQ, ROUNDS = 32, 128, 9
@@ -38,13 +38,6 @@ def encoder_flops(heads: list[int], neurons: list[int], hidden: int, head_size: 
         total += 2 * SEQ * SEQ * inner           # scores and context
         total += SEQ * 2 * hidden * f            # FFN in and out
     return total
-
-
-def timed_against_dense(dense, small) -> dict:
-    ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.inference_mode():
-        return interleaved_ratio(lambda: dense(**inputs), lambda: small(**inputs), ROUNDS)
 
 
 def main() -> None:
@@ -71,7 +64,7 @@ def main() -> None:
             small = load_pruned(out)
         flops = encoder_flops(head_mask.sum(1).int().tolist(), ffn_mask.sum(1).int().tolist(), cfg.hidden_size,
                               head_size)
-        t = timed_against_dense(dense, small)
+        t = forward_ratio(dense, small, BATCH, SEQ, ROUNDS)
         dense_times.append(t["baseline_s"])
         rows.append({"sparsity": sparsity, "parameters": sum(p.numel() for p in small.parameters()),
                      "latency_s": round(t["candidate_s"], 4), "latency_ratio": round(t["ratio"], 3),

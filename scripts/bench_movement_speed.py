@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 from cap.export import export_pruned, load_pruned  # noqa: E402
 from cap.models import resolve_model_path  # noqa: E402
 from cap.pruning.movement import MovementScores  # noqa: E402
-from interleaved import interleaved_ratio  # noqa: E402
+from interleaved import forward_ratio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, THREADS, BATCHES, SPARSITIES, ROUNDS = 128, 2, (1, 32), (0.5, 0.9), 9
@@ -57,11 +57,8 @@ def pruned_model(build, granularity: str, sparsity: float, seed: int = 0):
 
 
 def timed_pair(dense, pruned, batch: int, rounds: int = ROUNDS, seq: int = SEQ) -> dict:
-    """Forward passes of `dense` and `pruned` on one random batch, timed interleaved (`interleaved.py`)."""
-    ids = torch.randint(1000, 30000, (batch, seq), generator=torch.Generator().manual_seed(batch))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.inference_mode():
-        t = interleaved_ratio(lambda: dense(**inputs), lambda: pruned(**inputs), rounds, MIN_SECONDS)
+    """The row's timing fields: `forward_ratio` of the two models, rounded."""
+    t = forward_ratio(dense, pruned, batch, seq, rounds, MIN_SECONDS, seed=batch)
     return {"latency_ratio": round(t["ratio"], 3), "ratio_range": [round(r, 3) for r in t["ratio_range"]],
             "dense_latency_s": round(t["baseline_s"], 5), "pruned_latency_s": round(t["candidate_s"], 5),
             "calls_per_round": t["calls_per_round"]}

@@ -9,6 +9,8 @@ import statistics
 import time
 from typing import Callable
 
+import torch
+
 
 def seconds_per_call(fn: Callable[[], object], calls: int) -> float:
     start = time.perf_counter()
@@ -34,3 +36,12 @@ def interleaved_ratio(baseline: Callable[[], object], candidate: Callable[[], ob
     return {"ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
             "baseline_s": statistics.median(times["baseline"]), "candidate_s": statistics.median(times["candidate"]),
             "calls_per_round": calls, "ratios": ratios}
+
+
+def forward_ratio(baseline, candidate, batch: int, seq: int, rounds: int = 9, min_seconds: float = 0.3,
+                  seed: int = 0) -> dict:
+    """`interleaved_ratio` of two models' forward passes (inference mode) on one batch of random token ids."""
+    ids = torch.randint(1000, 30000, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.inference_mode():
+        return interleaved_ratio(lambda: baseline(**inputs), lambda: candidate(**inputs), rounds, min_seconds)
