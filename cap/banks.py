@@ -1,10 +1,8 @@
 """The banks of spec §4: which ones a config builds, encoding a model into one (a batched, no-grad pass over the
-training set in dataset order, written straight into a RepresentationBank), PrC or the next SnC snapshot, and their
+training set, written straight into a RepresentationBank in dataset order), PrC or the next SnC snapshot, and their
 files. Under several processes each rank encodes a contiguous shard and the shards are gathered, so every rank ends
 with the same bank."""
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -15,55 +13,78 @@ from tqdm.auto import tqdm
 from cap.contrastive import RepresentationBank
 from cap.io import crash_point, file_problem, this_process
 from cap.models import RepresentationTap
+from cap.precision import autocast, full_precision
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext()
+def by_length(dataset) -> list[int]:
+    """The rows of `dataset` from the shortest to the longest (stable): batches of similar length, little padding."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
 
 
 @torch.no_grad()
-def encode_vectors(model, dataset, collator, *, pooling: str = "cls", batch_size: int = 128,
-                   precision: str = "fp32", train_mode: bool = False, seed: int | None = None,
-                   desc: str = "encoding") -> torch.Tensor:
-    """[N, H] L2-normalised float32 sentence vectors of `dataset` (this rank's shard when distributed, else all),
-    in dataset order. Eval mode unless `train_mode` (spec Q7); its dropout then draws from a forked RNG seeded with
-    `seed`: the global RNG does not move, and a resumed run encodes what an uninterrupted one did."""
+def forward_pass(model, dataset, collator, collect, *, batch_size: int = 128, precision: str = "fp32",
+                 train_mode: bool = False, seed: int | None = None, sort_by_length: bool = False,
+                 desc: str = "encoding", shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """{name: [N, *shapes[name]] float32}: per-example tensors of a batched no-grad pass of `model` over `dataset`, in
+    dataset order, taken from each batch by `collect(outputs, batch)`. Under several processes each rank passes a
+    contiguous shard and the shards are gathered, so every rank returns all rows.
+
+    Eval mode unless `train_mode` (spec Q7); its dropout then draws from a forked RNG seeded with `seed`: the global
+    RNG does not move, and a resumed run encodes what an uninterrupted one did. `sort_by_length` runs the shard in
+    batches of similar length (the outputs are put back in dataset order: they differ only by float rounding)."""
     rank, world = this_process()
     n = len(dataset)
     shard = -(-n // world)
-    rows = range(rank * shard, min(n, (rank + 1) * shard))
+    part = dataset.select(range(rank * shard, min(n, (rank + 1) * shard)))
+    order = by_length(part) if sort_by_length else None
+    if order is not None:
+        part = part.select(order)
     columns = [c for c in MODEL_INPUTS if c in dataset.column_names]
     # its own generator: encoding must not move the global RNG, or a resumed run would shuffle differently
-    loader = DataLoader(dataset.select(rows).select_columns(columns), batch_size=batch_size, shuffle=False,
-                        collate_fn=collator, generator=torch.Generator())
+    loader = DataLoader(part.select_columns(columns), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                        generator=torch.Generator())
     device = next(model.parameters()).device
     was_training = model.training
     model.train(train_mode)
-    tap = RepresentationTap(model, pooling)
-    out = []
+    out: dict[str, list[torch.Tensor]] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
         try:
             for batch in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with _autocast(device, precision):
-                    model(**batch)
-                out.append(F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1))
+                with autocast(device, precision):
+                    outputs = model(**batch)
+                with full_precision(device):
+                    for name, value in collect(outputs, batch).items():
+                        out.setdefault(name, []).append(value.float())
         finally:
-            tap.remove()
             model.train(was_training)
-    vectors = torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
-    return _gather_shards(vectors, shard, n) if world > 1 else vectors
+    tensors = {name: torch.cat(out[name]) if name in out else torch.empty(0, *shape, device=device)
+               for name, shape in shapes.items()}
+    if order is not None:  # back to dataset order
+        position = torch.as_tensor(order, device=device)
+        tensors = {name: torch.empty_like(t).index_copy_(0, position, t) for name, t in tensors.items()}
+    return {name: _gather_shards(t, shard, n) for name, t in tensors.items()} if world > 1 else tensors
+
+
+def encode_vectors(model, dataset, collator, *, pooling: str = "cls", **kwargs) -> torch.Tensor:
+    """[N, H] L2-normalised float32 sentence vectors of `dataset` (`forward_pass`, whose keywords it takes)."""
+    tap = RepresentationTap(model, pooling)
+    try:
+        vectors = forward_pass(model, dataset, collator, lambda outputs, batch: {
+            "vectors": F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1)},
+            shapes={"vectors": (model.config.hidden_size,)}, **kwargs)
+    finally:
+        tap.remove()
+    return vectors["vectors"]
 
 
 def _gather_shards(local: torch.Tensor, shard: int, n: int) -> torch.Tensor:
-    padded = torch.zeros(shard, local.size(1), device=local.device)
+    padded = torch.zeros(shard, *local.shape[1:], device=local.device)
     padded[: local.size(0)] = local
     parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, padded)
@@ -86,8 +107,9 @@ def encode_snapshot(banks: dict[str, RepresentationBank], index: int, model, dat
 
 
 def encode_settings(cfg) -> dict:
-    """How the config encodes a bank: the sentence representation, batch size and precision."""
-    return dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision)
+    """How the config encodes a bank: the sentence representation, batch size, precision and batch order."""
+    return dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision,
+                sort_by_length=cfg.data.group_by_length)
 
 
 BANK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -17,9 +17,9 @@ from cap import cli
 from cap.data import get_task
 from cap.errors import UserError
 from cap.models import POOLINGS
+from cap.precision import PRECISIONS
 
 LOGGERS = ("none", "wandb")
-PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZATIONS = ("original", "per_anchor")  # cap.contrastive.contrastive_loss
 
 

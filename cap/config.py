@@ -52,6 +52,9 @@ class DataConfig:
     doc_stride: int = doc("SQuAD: tokens shared by consecutive windows of a long context")
     max_query_length: int = doc("SQuAD: questions are cut to this many tokens")
     cache_dir: Optional[str] = doc("tokenised datasets, default $CAP_CACHE_DIR; null: the datasets library's cache")
+    group_by_length: bool = doc("training batches of similar length (the Trainer's length-grouped sampler, seeded "
+                                "per epoch), evaluation and bank encoding sorted by length: less padding; false: "
+                                "random batches, dataset order")
 
 
 @dataclass
@@ -61,6 +64,8 @@ class TeacherConfig:
     epochs: int = doc("epochs of the teacher's fine-tuning (teacher.path=null)")
     lr: float = doc("learning rate of the teacher's fine-tuning (teacher.path=null)")
     seed: int = doc("the teacher's seed (default: seed): pin it to share one teacher across a sweep over seeds")
+    cache_outputs: bool = doc("run the frozen teacher once over the training set and reuse its logits (KD) and "
+                              "FiC vectors; false: its forward again in every update")
 
 
 @dataclass
@@ -80,7 +85,8 @@ class TrainerConfig:
     max_steps: int = doc(">0: this many updates, overriding epochs; -1: epochs decide")
     warmup: float = doc("LR warm-up: a fraction of the updates (<1) or a number of updates")
     max_grad_norm: float = doc("gradients are clipped to this norm")
-    precision: str = doc("fp32 | bf16 | fp16 (fp16 needs a GPU)")
+    precision: str = doc("auto (bf16 where the GPU or CPU runs it natively, else fp32; the run's config records "
+                         "which) | fp32 | bf16 | fp16 (fp16 needs a GPU)")
     resume: bool = doc("continue from the run dir's last checkpoint; false starts over")
     logging_steps: int = doc("log the loss terms every this many updates")
     save_steps: Optional[int] = doc("a checkpoint every this many updates; null: a checkpoint every epoch")

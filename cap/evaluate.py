@@ -185,7 +185,9 @@ def evaluate(path, overrides=(), *, stage: str | None = None, out=None, predict:
 
     import tempfile
 
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
+
+    from cap.trainer import CAPTrainer, LossWeights
 
     from cap.evaluation import predict_split, score
     from cap.models import load_tokenizer
@@ -202,7 +204,10 @@ def evaluate(path, overrides=(), *, stage: str | None = None, out=None, predict:
     rows, lines = [], []
     with tempfile.TemporaryDirectory() as scratch:
         args = training_arguments(cfg, Path(scratch), [])
-        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tok), processing_class=tok)
+        # CAPTrainer, as training: it keeps evaluation in the order given (the plain Trainer's group_by_length
+        # would shuffle it) and computes the task loss alone
+        trainer = CAPTrainer(model=model, args=args, data_collator=DataCollatorWithPadding(tok), processing_class=tok,
+                             weights=LossWeights())
         timer = ForwardTimer(model)
         for split in data.evals:
             preds, references = predict_split(trainer, data, split)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cap.banks import by_length
 from cap.data import TaskData, postprocess_qa_predictions
 from cap.data.glue import NO_LABEL
 from cap.io import write_json_atomic
@@ -19,7 +20,11 @@ def predict_split(trainer, data: TaskData, split: str, *, n_best_size: int = 20,
     spec, features = data.spec, data.evals[split]
     unlabelled = not spec.is_qa and bool(np.all(np.asarray(features["labels"]) == NO_LABEL))
     drop = [c for c in (*QA_FEATURE_ONLY, "idx", *(["labels"] if unlabelled else [])) if c in features.column_names]
-    output = trainer.predict(features.remove_columns(drop), metric_key_prefix=f"eval_{split}")
+    inputs, prefix = features.remove_columns(drop), f"eval_{split}"
+    if spec.is_qa:  # in dataset order: the n-best search reads the logits at padded positions too, so sorted
+        output = trainer.predict(inputs, metric_key_prefix=prefix)  # batches would change its answers
+    else:
+        output = predict_by_length(trainer, inputs, metric_key_prefix=prefix)
     if spec.is_qa:
         examples = data.eval_examples[split]
         start_logits, end_logits = output.predictions[:2]
@@ -29,6 +34,27 @@ def predict_split(trainer, data: TaskData, split: str, *, n_best_size: int = 20,
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     preds = logits[:, 0] if spec.is_regression else np.argmax(logits, axis=-1)
     return preds, None if unlabelled else output.label_ids
+
+
+def predict_by_length(trainer, features, **kwargs):
+    """`trainer.predict(features)`; with data.group_by_length (`train_sampling_strategy="group_by_length"`) over the
+    features sorted by length, so each batch is padded little, its predictions and labels put back in the features'
+    order (a classifier's output for a feature is its own: the batch changes only float rounding)."""
+    if trainer.args.train_sampling_strategy != "group_by_length" or len(features) < 2:
+        return trainer.predict(features, **kwargs)
+    order = np.asarray(by_length(features))
+    output = trainer.predict(features.select(order), **kwargs)
+    place = np.empty_like(order)
+    place[order] = np.arange(len(order))
+
+    def unsort(array):
+        if array is None:
+            return None
+        if isinstance(array, (tuple, list)):
+            return type(array)(unsort(a) for a in array)
+        return array[place]
+
+    return output._replace(predictions=unsort(output.predictions), label_ids=unsort(output.label_ids))
 
 
 def score(task: str, predictions, references) -> dict[str, float]:

@@ -6,11 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from cap.contrastive import RepresentationBank, contrastive_loss, draw_extra_idx
 from cap.losses import gradient_balance, kd_loss, span_loss, task_loss
 from cap.models import RepresentationTap
+from cap.precision import autocast, full_precision
+from cap.teacher import TeacherOutputs
 
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 TASK_TERMS = ("ce", "kd")
@@ -34,22 +38,43 @@ class Contrast:
     pooling: str = "cls"
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length-grouped sampler, its draws seeded by (seed, epoch): the Trainer calls `set_epoch` before
+    every epoch, so every rank draws the same order (however much dropout each consumed), and a run resumed
+    mid-epoch draws that epoch's order again and skips the batches it had trained on."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+
 class CAPTrainer(Trainer):
     """`loss = ce·CE + kd·KD + Σ_{bank in PrC, FiC, SnC} contrastive(bank) (+ reg)`; each term logged as `loss_<name>`.
 
     `banks` maps a name (prc, fic, snc) to a RepresentationBank; the ones holding no snapshot yet are skipped.
     Contrastive terms are computed in training only (evaluation batches carry no contrastive term). At every logging
     step the gradients of the task part (ce·CE + kd·KD) and of the contrastive part w.r.t. the encoder are compared
-    (`grad_norm_task`, `grad_norm_contrast`, `grad_cosine`: `cap.losses.gradient_balance`), on a single process."""
+    (`grad_norm_task`, `grad_norm_contrast`, `grad_cosine`: `cap.losses.gradient_balance`), on a single process.
+
+    With `teacher_outputs` (cap.teacher) the teacher's logits are looked up by example id instead of recomputed.
+    The student's and teacher's forwards run under the precision's autocast; the losses stay fp32 (spec Q21).
+    Evaluation computes CE only: the teacher is not run to score the dev set."""
 
     def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
                  banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
                  draw_seed: int = 0, regularizer: Callable[[], torch.Tensor] | None = None,
                  log_extras: Callable[[], dict[str, float]] | None = None,
-                 fixed_extra_idx: dict[str, torch.Tensor] | None = None, **kwargs):
+                 fixed_extra_idx: dict[str, torch.Tensor] | None = None,
+                 teacher_outputs: TeacherOutputs | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.weights = weights
         self.teacher = teacher
+        self.teacher_outputs = teacher_outputs
+        self.precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         if weights.kd > 0 and teacher is None:
             raise ValueError("kd.weight > 0 needs a teacher: set teacher.path=<fine-tuned checkpoint>")
         if teacher is not None:
@@ -78,16 +103,21 @@ class CAPTrainer(Trainer):
         inputs = dict(inputs)
         idx = inputs.pop("idx", None)
         targets = {k: inputs.pop(k) for k in LABEL_KEYS if k in inputs}
-        outputs = model(**inputs)
+        device = inputs["input_ids"].device
+        with autocast(device, self.precision):
+            outputs = model(**inputs)
+        with full_precision(device):
+            return self._terms(model, inputs, idx, targets, outputs, contrast), outputs
+
+    def _terms(self, model, inputs, idx, targets, outputs, contrast) -> dict[str, torch.Tensor]:
         terms = {}
         if "labels" in targets:
             terms["ce"] = task_loss(outputs.logits, targets["labels"])
         elif "start_positions" in targets:
             terms["ce"] = span_loss(outputs.start_logits, outputs.end_logits,
                                     targets["start_positions"], targets["end_positions"])
-        if self.weights.kd > 0:
-            with torch.no_grad():
-                teacher_out = self.teacher(**inputs)
+        if self.weights.kd > 0 and (model.training or contrast is not None):
+            teacher_out = self.teacher_logits(inputs, idx)
             t = self.weights.kd_temperature
             if hasattr(outputs, "start_logits"):
                 terms["kd"] = (kd_loss(outputs.start_logits, teacher_out.start_logits, t)
@@ -98,7 +128,32 @@ class CAPTrainer(Trainer):
             terms.update(self.contrastive_terms(idx, inputs["attention_mask"], targets.get("labels")))
         if model.training and self.regularizer is not None:
             terms["reg"] = self.regularizer()
-        return terms, outputs
+        return terms
+
+    def teacher_logits(self, inputs, idx):
+        """The teacher's outputs on a batch: looked up (teacher.cache_outputs) or computed."""
+        if self.teacher_outputs is not None and idx is not None:
+            return self.teacher_outputs.lookup(idx, inputs["input_ids"].size(1), inputs["input_ids"].device)
+        with torch.no_grad(), autocast(inputs["input_ids"].device, self.precision):
+            return self.teacher(**inputs)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # the order it is given: with group_by_length the Trainer would shuffle evaluation into length groups and
+        # return predictions in that order; cap.evaluation sorts by length itself and puts them back
+        if eval_dataset is None or self.args.world_size > 1:
+            return None
+        return SequentialSampler(eval_dataset)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        columns = getattr(dataset, "column_names", ())
+        if self.args.train_sampling_strategy != "group_by_length" or "input_ids" not in columns:
+            return super()._get_train_sampler(train_dataset)
+        # grouped by the global batch: Accelerate deals its per-device slices out to the ranks, so together they
+        # train on the batches one process with the global batch size would
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochSeededLengthGroupedSampler(global_batch, [len(ids) for ids in dataset["input_ids"]],
+                                               self.args.seed)
 
     def release(self) -> None:
         """Detach the representation hooks from the model (a recipe builds one trainer per pruning step)."""

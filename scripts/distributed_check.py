@@ -24,16 +24,17 @@ def record_into(record: dict) -> None:
     """Wrap the functions whose results the check compares, so that each call also lands in `record`."""
     import cap.banks
     import cap.recipes.cap_f
+    import cap.teacher
     import cap.trainer
     from cap.pruning.movement import MovementScores
 
-    encode, choose, draw, fold = (cap.banks.encode_vectors, cap.recipes.cap_f.choose_units,
+    encode, choose, draw, fold = (cap.banks.forward_pass, cap.recipes.cap_f.choose_units,
                                   cap.trainer.draw_extra_idx, MovementScores.fold)
 
-    def encode_vectors(*args, **kwargs):
-        vectors = encode(*args, **kwargs)
-        record["snapshots"].append(vectors.detach().cpu().clone())
-        return vectors
+    def forward_pass(*args, **kwargs):  # bank snapshots: `vectors`, or the teacher pass's `fic`
+        out = encode(*args, **kwargs)
+        record["snapshots"] += [out[k].detach().cpu().clone() for k in ("vectors", "fic") if k in out]
+        return out
 
     def choose_units(*args, **kwargs):
         new, importance = choose(*args, **kwargs)
@@ -48,7 +49,7 @@ def record_into(record: dict) -> None:
         record["movement_masks"] = {k: v.cpu() for k, v in scores.masks().items()}
         fold(scores)
 
-    cap.banks.encode_vectors = encode_vectors
+    cap.banks.forward_pass = cap.teacher.forward_pass = forward_pass
     cap.recipes.cap_f.choose_units = choose_units
     cap.trainer.draw_extra_idx = draw_extra_idx
     MovementScores.fold = fold_scores

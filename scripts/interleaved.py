@@ -1,5 +1,5 @@
-"""Timing two things on a shared machine, for the benches that report a ratio (`bench_export.py`,
-`bench_movement_speed.py`, `bench_contrastive.py`).
+"""Timing two things (or more) on a shared machine, for the benches that report a ratio (`bench_export.py`,
+`bench_movement_speed.py`, `bench_contrastive.py`, `bench_train.py`).
 
 Timing A once and then B once lets a change in the machine's load between the two masquerade as a speedup (a loaded
 2-core machine turned the export bench's 0.134 into 0.642). So A and B are timed back to back in every round, the
@@ -36,6 +36,17 @@ def interleaved_ratio(baseline: Callable[[], object], candidate: Callable[[], ob
     return {"ratio": statistics.median(ratios), "ratio_range": [min(ratios), max(ratios)],
             "baseline_s": statistics.median(times["baseline"]), "candidate_s": statistics.median(times["candidate"]),
             "calls_per_round": calls, "ratios": ratios}
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], float]], rounds: int) -> list[dict[str, float]]:
+    """Several things measured in every round, the order rotating from round to round (each goes first once every
+    len(fns) rounds): one {name: value} per round, each value what its function returned (a time, a rate)."""
+    names = list(fns)
+    out = []
+    for r in range(rounds):
+        k = r % len(names)
+        out.append({name: fns[name]() for name in names[k:] + names[:k]})
+    return out
 
 
 def forward_ratio(baseline, candidate, batch: int, seq: int, rounds: int = 9, min_seconds: float = 0.3,

@@ -94,7 +94,8 @@ def test_plain_pruning_baseline_builds_no_bank(tiny_model_dir, sst2_teacher_dir,
     rows = run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "contrast.enabled=false",
                                         "prune.sequence=[0.5]")), tmp_path)
     assert rows[0]["sparsity_heads"] == 0.5
-    assert not (tmp_path / "banks").exists()
+    # no bank: only the teacher's cached logits (KD is on) are kept there
+    assert [p.name for p in (tmp_path / "banks").iterdir()] == ["teacher_logits.safetensors"]
 
 
 def test_without_teacher_path_a_teacher_is_fine_tuned_once_and_cached(tiny_model_dir, tmp_path, capsys):

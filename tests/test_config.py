@@ -185,14 +185,22 @@ def test_every_method_task_and_logger_composes_under_the_schema(method, task, lo
 def test_the_data_node_and_the_teacher_cache_key_are_those_of_before_the_schema(monkeypatch):
     monkeypatch.delenv("CAP_DATA_DIR", raising=False)
     monkeypatch.delenv("CAP_CACHE_DIR", raising=False)
-    cfg = composed(["experiment=quickstart"])
+    old_path = ["trainer.precision=fp32", "data.group_by_length=false", "teacher.cache_outputs=false"]
+    cfg = composed(["experiment=quickstart", *old_path])
     assert OmegaConf.to_container(cfg.data, resolve=True) == {
         "dir": None, "train_split": "train", "eval_split": ["validation"], "max_train_samples": 2000, "seed": 42,
         "max_eval_samples": None, "max_seq_length": 128, "doc_stride": 128, "max_query_length": 64, "cache_dir": None,
-        "validation_from_train": None}
-    assert teacher_run(cfg)[0].name == "sst2-30807f1467"  # the hash of the untyped config's values
-    held_out = composed(["experiment=quickstart", "data.validation_from_train=0.1"])
+        "validation_from_train": None, "group_by_length": False}
+    # the hash of the untyped config's values: the old path finds the teachers cached before the keys it now has
+    assert teacher_run(cfg)[0].name == "sst2-30807f1467"
+    # the teacher's cached outputs are not part of what it learns
+    assert teacher_run(composed(["experiment=quickstart", *old_path[:2]]))[0].name == "sst2-30807f1467"
+    held_out = composed(["experiment=quickstart", *old_path, "data.validation_from_train=0.1"])
     assert teacher_run(held_out)[0].name != "sst2-30807f1467"  # a teacher that saw other rows
+    # a teacher trained in bf16, or on length-grouped batches, is another teacher
+    assert teacher_run(composed(["experiment=quickstart", "trainer.precision=bf16", *old_path[1:]]))[0].name \
+        != "sst2-30807f1467"
+    assert teacher_run(composed(["experiment=quickstart", *old_path[:1]]))[0].name != "sst2-30807f1467"
 
 
 # ------------------------------------------------------------------------------------------------- run-dir names

@@ -49,7 +49,7 @@ def dropout_free_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 def overrides(model_dir, teacher_dir, data_dir, batch_size, *extra):
     base = [o for o in tiny_overrides(model_dir, "sst2") if not o.startswith("trainer.batch_size=")]
     return [*base, f"trainer.batch_size={batch_size}", f"teacher.path={teacher_dir}", f"data.dir={data_dir}",
-            "contrast.unsup_weight=0", "contrast.sup_weight=0", *extra]
+            "contrast.unsup_weight=0", "contrast.sup_weight=0", "trainer.precision=fp32", *extra]
 
 
 def launch(n_processes: int, out: Path, run_dir: Path, args: list[str]) -> list[dict]:

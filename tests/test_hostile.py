@@ -202,7 +202,7 @@ def test_bad_data_is_refused_with_file_and_line(good_files, models, tmp_path, ta
     pytest.param("cap_soft", ["contrast.pooling=max"], ["contrast.pooling=max", "cls, mean"], id="unknown-pooling"),
     pytest.param("finetune", ["data.max_seq_length=0"], ["data.max_seq_length=0", "an integer >= 1"],
                  id="zero-max-seq-length"),
-    pytest.param("finetune", ["trainer.precision=fp64"], ["trainer.precision=fp64", "fp32, bf16, fp16"],
+    pytest.param("finetune", ["trainer.precision=fp64"], ["trainer.precision=fp64", "auto, fp32, bf16, fp16"],
                  id="unknown-precision"),
     pytest.param("cap_m", ["trainer.warmup=1.5"], ["trainer.warmup=1.5", "a whole number of updates"],
                  id="fractional-warmup-over-1"),

@@ -44,7 +44,8 @@ def test_loss_combines_weighted_terms_and_logs_each(tiny_model_dir, tmp_path):
     loss = trainer.compute_loss(trainer.model, batch)
     # compute_loss runs with dropout; compare against the weighted sum in eval mode instead
     trainer.model.eval()
-    terms, _ = trainer.loss_terms(trainer.model, batch)
+    assert set(trainer.loss_terms(trainer.model, batch)[0]) == {"ce"}  # evaluation does not run the teacher
+    terms, _ = trainer.loss_terms(trainer.model, batch, contrast=False)  # as CAP-f's importance pass asks
     assert torch.allclose(trainer.weighted(terms), 0.1 * terms["ce"] + 0.9 * terms["kd"])
     assert loss.requires_grad
     trainer.train()

@@ -11,6 +11,7 @@ from cap.data import get_task
 from cap.errors import UserError
 from cap.io import this_process
 from cap.models import check_prunable, resolve_pooling
+from cap.precision import resolve_config
 
 RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
 # metrics.json fields that describe a row rather than measure the model
@@ -29,11 +30,25 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if cfg.contrast.pooling == "auto":
         cfg.contrast.pooling = resolve_pooling("auto", cfg.model.name_or_path)
         print(f"contrast.pooling=auto: {cfg.contrast.pooling} (the checkpoint's own sentence representation)")
+    resolve_config(cfg)
+    record_precision(Path(run_dir), cfg.trainer.precision)
     recipe = importlib.import_module(f"cap.recipes.{RECIPES[cfg.method.name]}")
     rows = recipe.run(cfg, Path(run_dir))
     if this_process().main:
         print(summary(run_dir, rows, cfg.method.name))
     return rows
+
+
+def record_precision(run_dir: Path, precision: str) -> None:
+    """Write the precision the run uses into its saved config (`.hydra/config.yaml`, where Hydra wrote `auto`), so
+    that the run says what it computed in and `cap.evaluate` scores it the same way."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not this_process().main or not path.is_file():
+        return
+    saved = OmegaConf.load(path)
+    if OmegaConf.select(saved, "trainer.precision") not in (None, precision):
+        OmegaConf.update(saved, "trainer.precision", precision, merge=False)
+        OmegaConf.save(saved, path)
 
 
 def nominal_sparsity(cfg: DictConfig) -> float | None:

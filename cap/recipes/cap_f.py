@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from cap import tracking
-from cap.banks import build_banks, encode_settings, encode_snapshot, load_or_encode
+from cap.banks import build_banks, encode_settings, encode_snapshot
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints, crash_point, this_process
@@ -23,6 +23,7 @@ from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, norma
 from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
 from cap.recipes.finetune import ensure_teacher
 from cap.stages import StructuredStage
+from cap.teacher import teacher_pass
 
 
 def check_sequence(sequence) -> list[float]:
@@ -46,8 +47,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     report_to = tracking.start(cfg, run_dir)
     device = training_arguments(cfg, run_dir, []).device  # also joins the process group under torchrun/accelerate
     model.to(device)
-    # FiC: the fine-tuned teacher, encoded once (§4)
-    load_or_encode("fic", banks, run_dir / "banks", setup.teacher.to(device), data.train, setup.collator, **encoding)
+    # FiC: the fine-tuned teacher, encoded once (§4); with teacher.cache_outputs its logits from the same pass
+    teacher_outputs = teacher_pass(cfg, setup, banks, run_dir / "banks", device)
 
     rows, trained = [], False
     for step, (sparsity, target) in enumerate(zip(sequence, targets)):
@@ -56,7 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
             rows += stage.restore(model, masks)
             continue
         trained = True
-        trainer = stage_trainer(cfg, setup, stage, banks, report_to)
+        trainer = stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs)
         if not stage.load_selection(masks):  # a stage killed while retraining keeps the masks and banks it chose
             head_imp, ffn_imp = unit_importance(cfg, trainer, setup, masks, step)  # §5.1, with the current loss
             new, importance = choose_units(cfg, masks, head_imp, ffn_imp, target)  # the least important go
@@ -75,11 +76,11 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     return rows
 
 
-def stage_trainer(cfg, setup, stage, banks, report_to):
+def stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs=None):
     """The step's Trainer: `prune.retrain_epochs` epochs with a fresh optimizer, its checkpoints in the stage."""
     args = training_arguments(cfg, stage.checkpoints, report_to)
     args.num_train_epochs = cfg.prune.retrain_epochs
-    return pruning_trainer(cfg, setup, args, banks, callbacks=[CrashPoints()])
+    return pruning_trainer(cfg, setup, args, banks, callbacks=[CrashPoints()], teacher_outputs=teacher_outputs)
 
 
 def evaluate_stage(trainer, data, masks, step: int, sparsity: float, stage) -> list[dict]:

@@ -14,6 +14,7 @@ from cap.data import TaskData, get_task, load_task_data
 from cap.errors import UserError
 from cap.io import this_process
 from cap.models import build_model, load_teacher, load_tokenizer
+from cap.precision import resolve_config
 from cap.trainer import CAPTrainer, Contrast, LossWeights
 
 
@@ -78,6 +79,7 @@ def pruning_trainer(cfg: DictConfig, setup: Setup, args: TrainingArguments, bank
 
 
 def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) -> TrainingArguments:
+    resolve_config(cfg)  # trainer.precision=auto, where no recipe resolved it yet (cap.evaluate)
     t = cfg.trainer
     save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}
     return TrainingArguments(
@@ -97,6 +99,8 @@ def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) 
         logging_steps=t.logging_steps,
         save_total_limit=t.save_total_limit,
         seed=cfg.seed,
+        # CAPTrainer gives the length-grouped sampler its lengths and a seed per epoch (cap.trainer)
+        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
         dataloader_num_workers=t.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes Accelerate set up gloo DDP and CPU bf16

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from cap import tracking
 from cap.evaluation import evaluate_task
 from cap.io import publish_dir, read_json, write_json_atomic
+from cap.precision import resolve_config
 from cap.recipes import summary
 from cap.recipes.common import loss_weights, metric_rows, prepare, training_arguments
 from cap.stages import Stage
@@ -59,11 +60,17 @@ def teacher_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
         "contrast": {"enabled": False}, "trainer": {"epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr,
                                                      "max_steps": -1, "resume": True},
     })
+    resolve_config(teacher_cfg)  # the precision it trains in is part of what it learns
     settings = {"task": cfg.task.name, "model": cfg.model.name_or_path, "seed": teacher_cfg.seed,
                 "epochs": cfg.teacher.epochs, "lr": cfg.teacher.lr, "batch_size": teacher_cfg.trainer.batch_size,
                 "data": OmegaConf.to_container(teacher_cfg.data, resolve=True)}
-    if settings["data"]["validation_from_train"] is None:  # a key added later: unset, it keeps the older caches' keys
+    # keys added later: at the values that computed as before, they keep the older caches' keys
+    if settings["data"]["validation_from_train"] is None:
         del settings["data"]["validation_from_train"]
+    if not settings["data"]["group_by_length"]:
+        del settings["data"]["group_by_length"]
+    if teacher_cfg.trainer.precision != "fp32":
+        settings["precision"] = teacher_cfg.trainer.precision
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg.teacher.cache_dir) / f"{cfg.task.name}-{key}", teacher_cfg
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from cap import tracking
-from cap.banks import build_banks, encode_settings, encode_snapshot, load_or_encode
+from cap.banks import build_banks, encode_settings, encode_snapshot
 from cap.data import get_task, read_glue_split
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
@@ -31,6 +31,7 @@ from cap.recipes import nominal_sparsity
 from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
 from cap.recipes.finetune import ensure_teacher
 from cap.stages import MovementStage
+from cap.teacher import teacher_pass
 
 SHORT_RAMP = 0.1         # a ramp over fewer of the updates is warned about (the paper's QQP schedule ramps over 52 %)
 OFF_NOMINAL = 0.005      # a final sparsity further than this from the nominal one is warned about
@@ -234,11 +235,12 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     regularizer = (lambda: schedule.lam * scores.regularization()) if p.criterion == "soft" else None
     optimizer = torch.optim.AdamW(scores.param_groups(lr=args.learning_rate, weight_decay=args.weight_decay,
                                                       score_lr=p.score_lr), eps=args.adam_epsilon)
+    # FiC: the fine-tuned teacher, encoded once (§4); with teacher.cache_outputs its logits from the same pass
+    teacher_outputs = teacher_pass(cfg, setup, banks, stage.banks, args.device)
     trainer = pruning_trainer(cfg, setup, args, banks, regularizer=regularizer, log_extras=schedule.log_values,
-                              optimizers=(optimizer, None), callbacks=[schedule, evaluation, CrashPoints()])
+                              optimizers=(optimizer, None), callbacks=[schedule, evaluation, CrashPoints()],
+                              teacher_outputs=teacher_outputs)
     evaluation.trainer = trainer
-    load_or_encode("fic", banks, stage.banks, trainer.teacher, data.train, setup.collator,
-                   **encode_settings(cfg))  # FiC: the fine-tuned teacher, encoded once (§4)
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.release()
 
