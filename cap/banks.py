@@ -71,13 +71,18 @@ def forward_pass(model, dataset, collator, collect, *, batch_size: int = 128, pr
     return {name: _gather_shards(t, shard, n) for name, t in tensors.items()} if world > 1 else tensors
 
 
+def sentence_vectors(tap: RepresentationTap, batch) -> torch.Tensor:
+    """[B, H] L2-normalised float32 sentence vectors of the forward `tap` just watched: what a bank stores."""
+    return F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1)
+
+
 def encode_vectors(model, dataset, collator, *, pooling: str = "cls", **kwargs) -> torch.Tensor:
     """[N, H] L2-normalised float32 sentence vectors of `dataset` (`forward_pass`, whose keywords it takes)."""
     tap = RepresentationTap(model, pooling)
     try:
-        vectors = forward_pass(model, dataset, collator, lambda outputs, batch: {
-            "vectors": F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1)},
-            shapes={"vectors": (model.config.hidden_size,)}, **kwargs)
+        vectors = forward_pass(model, dataset, collator,
+                               lambda outputs, batch: {"vectors": sentence_vectors(tap, batch)},
+                               shapes={"vectors": (model.config.hidden_size,)}, **kwargs)
     finally:
         tap.remove()
     return vectors["vectors"]

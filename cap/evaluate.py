@@ -187,11 +187,10 @@ def evaluate(path, overrides=(), *, stage: str | None = None, out=None, predict:
 
     from transformers import DataCollatorWithPadding
 
-    from cap.trainer import CAPTrainer, LossWeights
-
     from cap.evaluation import predict_split, score
     from cap.models import load_tokenizer
     from cap.recipes.common import metric_rows, training_arguments
+    from cap.trainer import CAPTrainer, LossWeights
 
     tok = load_tokenizer(tokenizer_source)
     data = load_eval_data(cfg, tok)

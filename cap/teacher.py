@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorWithPadding
 
-from cap.banks import encode_settings, forward_pass, load_banks, load_or_encode, save_banks
+from cap.banks import encode_settings, forward_pass, load_banks, load_or_encode, save_banks, sentence_vectors
 from cap.io import crash_point, file_problem, save_tensors_atomic, this_process
 from cap.models import RepresentationTap
 
@@ -76,7 +75,7 @@ def teacher_pass(cfg, setup, banks: dict, folder: Path, device) -> TeacherOutput
     def collect(outputs, batch):
         taken = {name: getattr(outputs, name) for name in names}
         if fic:
-            taken["fic"] = F.normalize(tap.representation(batch["attention_mask"]).float(), dim=-1)
+            taken["fic"] = sentence_vectors(tap, batch)
         return taken
 
     shapes = {name: (width,) for name in names} | ({"fic": (teacher.config.hidden_size,)} if fic else {})
