@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import SequentialSampler
@@ -109,7 +110,27 @@ class CAPTrainer(Trainer):
         with full_precision(device):
             return self._terms(model, inputs, idx, targets, outputs, contrast), outputs
 
-    def _terms(self, model, inputs, idx, targets, outputs, contrast) -> dict[str, torch.Tensor]:
+    def example_outputs(self, model, inputs) -> dict[str, torch.Tensor]:
+        """A classification batch's per-example outputs: logits [B, C] and, with banks, the sentence vector [B, H]
+        (`cap.pruning.Packing`'s forward: the importance pass runs examples of several batches together)."""
+        device = inputs["input_ids"].device
+        with autocast(device, self.precision):
+            outputs = {"logits": model(**inputs).logits}
+        if self.tap is not None:
+            with full_precision(device):
+                outputs["rep"] = self.tap.representation(inputs["attention_mask"])
+        return outputs
+
+    def batch_loss(self, model, batch, outputs: dict[str, torch.Tensor], contrast: bool) -> torch.Tensor:
+        """The weighted loss of `batch` from its examples' `example_outputs`, as `loss_terms` would give it."""
+        inputs = dict(batch)
+        idx = inputs.pop("idx", None)
+        targets = {k: inputs.pop(k) for k in LABEL_KEYS if k in inputs}
+        with full_precision(inputs["input_ids"].device):
+            logits = SimpleNamespace(logits=outputs["logits"])
+            return self.weighted(self._terms(model, inputs, idx, targets, logits, contrast, outputs.get("rep")))
+
+    def _terms(self, model, inputs, idx, targets, outputs, contrast, rep=None) -> dict[str, torch.Tensor]:
         terms = {}
         if "labels" in targets:
             terms["ce"] = task_loss(outputs.logits, targets["labels"])
@@ -125,7 +146,9 @@ class CAPTrainer(Trainer):
             else:
                 terms["kd"] = kd_loss(outputs.logits, teacher_out.logits, t)
         if (model.training if contrast is None else contrast) and idx is not None and self.banks:
-            terms.update(self.contrastive_terms(idx, inputs["attention_mask"], targets.get("labels")))
+            if rep is None:
+                rep = self.tap.representation(inputs["attention_mask"])
+            terms.update(self.contrastive_terms(idx, rep, targets.get("labels")))
         if model.training and self.regularizer is not None:
             terms["reg"] = self.regularizer()
         return terms
@@ -161,8 +184,7 @@ class CAPTrainer(Trainer):
             self.tap.remove()
             self.tap = None
 
-    def contrastive_terms(self, idx, attention_mask, labels) -> dict[str, torch.Tensor]:
-        rep = self.tap.representation(attention_mask)
+    def contrastive_terms(self, idx, rep, labels) -> dict[str, torch.Tensor]:
         c = self.contrast
         if self.model.training and self.state.global_step != self._seeded_step:
             self._seeded_step = self.state.global_step

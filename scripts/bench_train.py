@@ -6,6 +6,9 @@
    tokens/s, the padding share, and the real-token FLOP/s as a fraction of the bf16 matmul rate.
 3. The same for a CAP-soft epoch (preset minilm/sst2_cap_soft, batch 32) and for evaluating the SST-2 dev set, old
    path (fp32, random, recomputed; dataset order) against the new defaults (bf16 where native, grouped, cached).
+4. CAP-f's importance pass (a second step's full loss over the main job's 1,000-sentence subset): the old path,
+   bf16 batch by batch in dataset order, and the new defaults, whose forwards run the examples of several batches
+   grouped by length (each batch still adds its own |dL/dm|: `cap.pruning.Packing`).
 
 Every variant is measured in every round, the order rotating (`interleaved.py`); a ratio is the median over rounds
 of the per-round ratios to the old path. Banks hold random unit vectors and the teacher is the pre-trained model
@@ -14,6 +17,7 @@ FLOPs count the encoder's matrix products alone: 2·P per real token forward, 6�
 Linear weights of the encoder), so padded positions, attention scores and the teacher's forward count as overhead.
 
     CAP_DATA_DIR=../shared/data python scripts/bench_train.py [--rounds 3] [--updates 0]  -> results/bench/train.json
+    CAP_DATA_DIR=../shared/data python scripts/bench_train.py --only importance          (that entry alone)
 """
 import argparse
 import json
@@ -41,6 +45,7 @@ from cap.models import build_model
 from cap.precision import cpu_bf16, cpu_flags, cpu_name, resolve
 from cap.pruning import StructuredMasks
 from cap.pruning.movement import MovementScores
+from cap.recipes.cap_f import unit_importance
 from cap.recipes.common import prepare, pruning_trainer, training_arguments
 from cap.teacher import teacher_pass
 from interleaved import interleaved_rounds
@@ -116,7 +121,7 @@ class Bench:
         self.setup = prepare(self.cfg, teacher_path=str(teacher_dir))
         model, data = self.setup.model, self.setup.data
         if method == "cap_f":  # masks (all ones) and scores cost what they cost at any level
-            StructuredMasks.from_model(model).apply(model)
+            self.masks = StructuredMasks.from_model(model).apply(model)
         else:
             self.scores = MovementScores.attach(model, self.cfg.prune.criterion, granularity=self.cfg.prune.granularity)
             self.scores.set_level(self.cfg.prune.initial)
@@ -182,6 +187,23 @@ class Bench:
         unwrap(self.setup.model)
         return timer.result()
 
+    def importance(self, cfg) -> dict:
+        """CAP-f's importance pass of a second pruning step (the full loss, contrastive terms included) over the
+        main job's subset: batch by batch in dataset order, or packed (with data.group_by_length)."""
+        args = training_arguments(cfg, self.scratch / "out", [])
+        trainer = pruning_trainer(cfg, self.setup, args, self.banks, teacher_outputs=self.teacher_outputs(cfg)
+                                  if cfg.teacher.cache_outputs else None)
+        start = time.perf_counter()
+        unit_importance(cfg, trainer, self.setup, self.masks, step=1)
+        seconds = time.perf_counter() - start
+        trainer.release()
+        unwrap(self.setup.model)
+        generator = torch.Generator().manual_seed(cfg.seed + 1)  # the subset unit_importance draws at step 1
+        train = self.setup.data.train
+        rows = torch.randperm(len(train), generator=generator)[: int(cfg.prune.importance_fraction * len(train))]
+        real = sum(len(train[int(i)]["input_ids"]) for i in rows)
+        return {"seconds": seconds, "sentences": len(rows), "real_tokens": real}
+
     def evaluate(self, cfg) -> dict:
         args = training_arguments(cfg, self.scratch / "out", [])
         args.disable_tqdm = True
@@ -224,6 +246,36 @@ def summarize(per_round: list[dict], baseline: str, flops_per_token: float, bf16
     return out
 
 
+def importance_section(bench: Bench, cfgs: dict, native: str, rounds: int, bf16_rate: float) -> dict:
+    """CAP-f's importance pass (a second step's, contrastive terms included) over the main job's subset: the old
+    path, the new precision batch by batch in dataset order, and the new defaults (packed by length)."""
+    variants = {"fp32-batch-by-batch": cfgs["fp32-random-recomputed"],
+                f"{native}-batch-by-batch": cfgs[f"{native}-random-cached"],
+                f"{native}-packed": cfgs[f"{native}-grouped-cached"]}
+    per_round = interleaved_rounds({n: (lambda c=c: bench.importance(c)) for n, c in variants.items()}, rounds)
+    # no weight gradients: a forward and a backward to the activations, about 4·P FLOPs per real token
+    return summarize(per_round, "fp32-batch-by-batch", bench.flops_per_token * 2 / 3, bf16_rate, "train")
+
+
+def only_importance(a) -> None:
+    """--only importance: measure the importance pass alone and update its entry in the existing train.json."""
+    native, _ = resolve("auto", torch.device("cpu"))
+    out = Path(a.out)
+    result = json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix="cap-bench-train-") as tmp:
+        scratch = Path(tmp)
+        bench = Bench("quickstart", a.data_dir, scratch, make_teacher(scratch, a.data_dir), a.updates, "cap_f")
+        cfgs = {name: bench.variant_cfg(options) for name, options in {
+            "fp32-random-recomputed": OLD,
+            f"{native}-random-cached": {"trainer.precision": native, "data.group_by_length": False},
+            f"{native}-grouped-cached": {"trainer.precision": native}}.items()}
+        rate = result["bf16_matmul_gflops_minilm_shapes"]
+        result["importance"] = importance_section(bench, cfgs, native, a.rounds, rate)
+    result["importance_cpu"] = cpu_name()
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["importance"], indent=1))
+
+
 def profile(a) -> None:
     native, _ = resolve("auto", torch.device("cpu"))
     new = {"trainer.precision": native, "data.group_by_length": True, "teacher.cache_outputs": True}
@@ -258,9 +310,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="instead: torch.profiler's per-op table of one epoch "
                         "(or --updates) of CAP-f and of CAP-soft, each on the old path and the new defaults "
                         "-> results/bench/profile_*")
+    parser.add_argument("--only", choices=["importance"], help="measure one part alone and update its entry in "
+                        "--out (which a whole run wrote before)")
     a = parser.parse_args()
     if a.profile:
         return profile(a)
+    if a.only == "importance":
+        return only_importance(a)
     torch.manual_seed(0)
     native, _ = resolve("auto", torch.device("cpu"))
     result = {"machine": {"cpu": cpu_name(), "cpu_bf16": cpu_bf16(), "auto_resolves_to": native,
@@ -298,6 +354,7 @@ def main() -> None:
             result[method + "_teacher_pass_s"] = bench.teacher_pass_s
             result[method + "_updates_per_measurement"] = a.updates or "one epoch"
             if method == "cap_f":
+                result["importance"] = importance_section(bench, cfgs, native, a.rounds, bf16_rate)
                 eval_cfgs = {"fp32-dataset-order": cfgs["fp32-random-recomputed"],
                              f"{native}-by-length": cfgs[f"{native}-grouped-cached"]}
                 per_round = interleaved_rounds({n: (lambda c=c: bench.evaluate(c)) for n, c in eval_cfgs.items()},

@@ -80,14 +80,20 @@ def summary(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--redo", choices=list(PATHS), nargs="*", default=[],
+                        help="run these paths again for --seeds (after a change to the code), replacing their runs")
     a = parser.parse_args()
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     runs = [r for r in result.get("runs", []) if "path" in r]  # runs of this script's kind, kept on resume
+    redo = [(seed, path) for seed in a.seeds for path in a.redo]
+    # a redone run is replaced once it finishes (the file keeps the old one until then)
+    stale = [r for r in runs if (r["seed"], r["path"]) in redo and not r.get("redone")]
     for seed in a.seeds:
         for path in PATHS:
-            if any(r["seed"] == seed and r["path"] == path for r in runs):
+            if any(r["seed"] == seed and r["path"] == path and r not in stale for r in runs):
                 continue
-            runs.append(run(seed, path))
+            runs = [r for r in runs if (r["seed"], r["path"]) != (seed, path)]
+            runs.append({**run(seed, path), **({"redone": True} if (seed, path) in redo else {})})
             result = {
                 "command": "python -m cap " + " ".join(ARGS),
                 "old_path": " ".join(PATHS["old"]),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 
 from cap.pruning import (
+    Packing,
     StructuredMasks,
     compute_importance,
     normalize_by_layer,
@@ -126,6 +127,49 @@ def test_importance_is_zero_for_units_that_cannot_change_the_loss():
     compute_importance(model, masks, batches[:1], ce_loss, desc="importance")
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
     assert not masks.head_mask.requires_grad and masks.head_mask.grad is None
+
+
+def test_packed_importance_equals_batch_by_batch():
+    """Packing runs the examples of several batches in forwards of similar length, each with its batch's copy of the
+    masks: every batch still adds its own |∂L/∂m|, with a loss that couples a batch's examples (like CAP's in-batch
+    contrastive peers)."""
+    model = tiny(BertForSequenceClassification)
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for size, width in ((3, 10), (4, 6), (2, 12), (3, 8)):  # right-padded to their own widths
+        lengths = torch.randint(2, width + 1, (size,), generator=generator)
+        lengths[0] = width
+        batches.append({"input_ids": torch.randint(1, 100, (size, width), generator=generator),
+                        "attention_mask": (torch.arange(width) < lengths[:, None]).long(),
+                        "labels": torch.randint(0, 2, (size,), generator=generator)})
+    masks = StructuredMasks.from_model(model)
+    masks.head_mask[0, 1] = 0
+    masks.ffn_mask[1, :9] = 0
+
+    def coupled(logits, labels):  # CE plus a term over the batch's examples together
+        return F.cross_entropy(logits, labels) + torch.logsumexp(logits[:, 0], 0)
+
+    def forward(model, inputs):
+        return {"logits": model(**inputs).logits}
+
+    def loss_fn(model, inputs, outputs=None):
+        if outputs is None:
+            outputs = forward(model, {k: inputs[k] for k in ("input_ids", "attention_mask")})
+        return coupled(outputs["logits"], inputs["labels"])
+
+    expected = compute_importance(model, masks, batches, loss_fn)
+    packing = Packing(forward, rows=3, tokens=60)  # chunks of 2-3 batches, forwards mixing them
+    packed = compute_importance(model, masks, batches, loss_fn, packing=packing)
+    for a, b in zip(packed, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # one copy of the masks for the chunk would give |Σ ∂L/∂m| instead: a different sum
+    wrong = compute_importance(model, masks, batches[:1], lambda m, _: sum(loss_fn(m, b) for b in batches))
+    assert not torch.allclose(wrong[0], expected[0])
+    assert masks.example_groups is None and not masks.is_applied
+
+    left_padded = dict(batches[1], attention_mask=batches[1]["attention_mask"].flip(1))
+    with pytest.raises(ValueError, match="right-padded"):
+        compute_importance(model, masks, [left_padded], loss_fn, packing=packing)
 
 
 def test_importance_applies_masks_temporarily():

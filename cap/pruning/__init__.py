@@ -1,5 +1,6 @@
 """Pruning components. `structured`: CAP-f head/FFN masks, first-order importance, schedule and selection."""
 from cap.pruning.structured import (
+    Packing,
     StructuredMasks,
     compute_importance,
     encoder_layers,
@@ -11,6 +12,7 @@ from cap.pruning.structured import (
 )
 
 __all__ = [
+    "Packing",
     "StructuredMasks",
     "compute_importance",
     "encoder_layers",

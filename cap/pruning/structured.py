@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,9 @@ class StructuredMasks:
         self.ffn_mask = ffn_mask.detach().float().clone()
         self._handles: list = []
         self._unit_sizes: tuple[Tensor, Tensor, int] | None = None
+        # `per_group`: one copy of the masks per group [G, L, X], and each example's group [B] in the next forward
+        self._group_masks: tuple[Tensor, Tensor] | None = None
+        self.example_groups: Tensor | None = None
 
     @classmethod
     def from_model(cls, model: nn.Module) -> StructuredMasks:
@@ -97,15 +102,35 @@ class StructuredMasks:
     def _head_hook(self, index: int):
         def hook(module: nn.Module, args: tuple) -> tuple:
             context, *rest = args  # [B, T, A*d], heads in order along the last axis
-            mask = self.head_mask[index].to(context.dtype)
-            heads = context.reshape(*context.shape[:-1], mask.numel(), -1) * mask[:, None]
+            heads = context.reshape(*context.shape[:-1], self.head_mask.size(1), -1)
+            if self._group_masks is None:
+                heads = heads * self.head_mask[index].to(context.dtype)[:, None]
+            else:  # [B, A]: each example's group's copy
+                heads = heads * self._group_masks[0][self.example_groups, index].to(context.dtype)[:, None, :, None]
             return (heads.reshape(context.shape), *rest)
         return hook
 
     def _ffn_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            return output * self.ffn_mask[index].to(output.dtype)  # [B, T, F]
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:  # [B, T, F]
+            if self._group_masks is None:
+                return output * self.ffn_mask[index].to(output.dtype)
+            return output * self._group_masks[1][self.example_groups, index].to(output.dtype)[:, None]
         return hook
+
+    @contextmanager
+    def per_group(self, n_groups: int):
+        """Within the block, the hooks use one copy of the masks per group of examples, which example is in which
+        group set before each forward in `example_groups` [B]; yields the copies (head [G, L, A], FFN [G, L, F],
+        leaves that collect gradients). One backward through a forward over examples of several groups gives each
+        group its own gradient: CAP-f's importance is Σ over batches of |∂L_batch/∂m|, so the examples of several
+        batches can share forwards (grouped by length, less padding) and still give each batch its own |∂L/∂m|."""
+        copies = tuple(mask.detach().expand(n_groups, *mask.shape).clone().requires_grad_(True)
+                       for mask in (self.head_mask, self.ffn_mask))
+        self._group_masks = copies
+        try:
+            yield copies
+        finally:
+            self._group_masks = self.example_groups = None
 
     def track_gradients(self, enabled: bool = True) -> None:
         """Let backward fill `head_mask.grad` / `ffn_mask.grad` (importance); disabling also clears them."""
@@ -213,14 +238,28 @@ def pruning_targets(n_heads_total: int, n_neurons_total: int, sequence: Sequence
     return [(int(n_heads_total * p + 1e-9), int(n_neurons_total * p + 1e-9)) for p in values]
 
 
+@dataclass(frozen=True)
+class Packing:
+    """How `compute_importance` may run its forwards: the examples of consecutive batches (up to `tokens` padded
+    tokens) sorted by length and run `rows` at a time, so little of each forward is padding. `forward(model,
+    inputs)` returns per-example outputs {name: [B, ...]} (a classification head's logits, a sentence vector); the
+    loss function then gets them, with its batch, as `loss_fn(model, batch, outputs)`. Sound where an example's
+    outputs do not depend on the others in its forward (eval mode, per-example outputs, right padding)."""
+    forward: Callable[[nn.Module, dict[str, Tensor]], dict[str, Tensor]]
+    rows: int = 64
+    tokens: int = 8192
+
+
 def compute_importance(model: nn.Module, masks: StructuredMasks, batches: Iterable[dict[str, Tensor]],
-                       loss_fn: Callable[[nn.Module, dict[str, Tensor]], Tensor],
-                       desc: str | None = None) -> tuple[Tensor, Tensor]:
+                       loss_fn: Callable[..., Tensor], desc: str | None = None,
+                       packing: Packing | None = None) -> tuple[Tensor, Tensor]:
     """First-order importance I = Σ_batches |∂L/∂m| (spec §5.1), evaluated at the current masks.
 
     Runs in eval mode. Parameters are frozen for the pass (no weight gradients are computed, the cheap way to
     discard them after each batch) and every flag is restored afterwards. `loss_fn(model, batch)` returns the
     scalar loss the caller chooses (CAP-f: the full training loss). `desc` shows a tqdm bar.
+    With `packing`, several batches share forwards grouped by length and one backward, each batch with its own copy
+    of the masks (`StructuredMasks.per_group`), so each still adds its own |∂L/∂m|: the same sum, less padding.
     Under torch.distributed give each rank its own share of the batches: the sums are all-reduced, so every rank
     returns the importance of all batches and selects the same units.
     Returns (head importance [L, A], FFN importance [L, F]), float32 on the masks' device.
@@ -234,19 +273,29 @@ def compute_importance(model: nn.Module, masks: StructuredMasks, batches: Iterab
     model.eval()
     model.zero_grad(set_to_none=True)
     masks.track_gradients(True)
+
+    def add(loss: Tensor, head_grads: Tensor, ffn_grads: Tensor) -> None:
+        if not loss.requires_grad:
+            raise ValueError("loss_fn returned a loss that does not depend on the masks; are they applied to "
+                             "this model?")
+        loss.backward()
+        for importance, grads in ((head_importance, head_grads), (ffn_importance, ffn_grads)):
+            if grads.grad is not None:
+                importance += grads.grad.abs().reshape(-1, *importance.shape).sum(0)
+                grads.grad = None
+
     try:
         for p in trainable:
             p.requires_grad_(False)
-        for batch in tqdm(batches, desc=desc, disable=desc is None):
-            loss = loss_fn(model, batch)
-            if not loss.requires_grad:
-                raise ValueError("loss_fn returned a loss that does not depend on the masks; are they applied to "
-                                 "this model?")
-            loss.backward()
-            for importance, mask in ((head_importance, masks.head_mask), (ffn_importance, masks.ffn_mask)):
-                if mask.grad is not None:
-                    importance += mask.grad.abs()
-                    mask.grad = None
+        bar = tqdm(desc=desc, disable=desc is None, unit="batch")
+        for chunk in _chunks(batches, packing.tokens if packing else 0):
+            if packing is None:
+                add(loss_fn(model, chunk[0]), masks.head_mask, masks.ffn_mask)
+            else:
+                with masks.per_group(len(chunk)) as (head_copies, ffn_copies):
+                    add(_packed_loss(model, masks, chunk, packing, loss_fn), head_copies, ffn_copies)
+            bar.update(len(chunk))
+        bar.close()
     finally:
         for p in trainable:
             p.requires_grad_(True)
@@ -258,6 +307,53 @@ def compute_importance(model: nn.Module, masks: StructuredMasks, batches: Iterab
         for importance in (head_importance, ffn_importance):
             dist.all_reduce(importance)
     return head_importance.float(), ffn_importance.float()
+
+
+def _chunks(batches: Iterable[dict[str, Tensor]], tokens: int):
+    """Consecutive batches, as many as fit in `tokens` padded tokens (at least one; one each for tokens=0)."""
+    chunk, used = [], 0
+    for batch in batches:
+        size = batch["attention_mask"].numel()
+        if chunk and used + size > tokens:
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(batch)
+        used += size
+    if chunk:
+        yield chunk
+
+
+def _packed_loss(model: nn.Module, masks: StructuredMasks, chunk: list[dict[str, Tensor]], packing: Packing,
+                 loss_fn: Callable[..., Tensor]) -> Tensor:
+    """Σ over the batches of `chunk` of their losses, their examples' outputs computed in forwards of `packing.rows`
+    examples of similar length, each example masked by its batch's copy of the masks."""
+    lengths = torch.cat([batch["attention_mask"].sum(1) for batch in chunk])
+    width = max(batch["attention_mask"].size(1) for batch in chunk)
+    tokens = {}  # [N, width]: the per-token inputs of every example, padded on the right to the widest batch
+    for key, value in chunk[0].items():
+        if value.dim() == 2 and value.shape == chunk[0]["attention_mask"].shape:
+            tokens[key] = torch.cat([nn.functional.pad(batch[key], (0, width - batch[key].size(1)))
+                                     for batch in chunk])
+    positions = torch.arange(width, device=lengths.device)
+    if not torch.equal(tokens["attention_mask"].bool(), positions < lengths[:, None]):
+        raise ValueError("packed importance needs right-padded batches (attention_mask 1...1 0...0)")
+    groups = torch.cat([torch.full((len(batch["attention_mask"]),), i, device=lengths.device)
+                        for i, batch in enumerate(chunk)])
+    order = torch.argsort(lengths, stable=True)
+    outputs = []
+    for rows in order.split(packing.rows):
+        n = int(lengths[rows].max())
+        masks.example_groups = groups[rows]
+        outputs.append(packing.forward(model, {key: value[rows, :n] for key, value in tokens.items()}))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    merged = {key: torch.cat([out[key] for out in outputs])[inverse] for key in outputs[0]}
+    loss, start = 0, 0
+    for batch in chunk:
+        n = len(batch["attention_mask"])
+        loss = loss + loss_fn(model, batch, {key: value[start:start + n] for key, value in merged.items()})
+        start += n
+    return loss
 
 
 def normalize_by_layer(importance: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from cap.banks import build_banks, encode_settings, encode_snapshot
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints, crash_point, this_process
-from cap.pruning import (StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
+from cap.pruning import (Packing, StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
 from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
 from cap.recipes.finetune import ensure_teacher
@@ -120,11 +120,18 @@ def unit_importance(cfg, trainer, setup, masks, step: int):
         loader = DataLoader(train, batch_sampler=shares, collate_fn=setup.collator)
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
 
-        def loss_fn(model, batch):
+        def loss_fn(model, batch, outputs=None):
+            if outputs is not None:  # packed: the batch's examples ran in forwards grouped by length
+                return trainer.batch_loss(model, batch, outputs, contrast=step > 0)
             terms, _ = trainer.loss_terms(model, batch, contrast=step > 0)
             return trainer.weighted(terms)
 
-        head_imp, ffn_imp = compute_importance(model, masks, batches, loss_fn, desc=None if rank else "importance")
+        # with data.group_by_length, the batches' examples run in forwards of similar length (classification: an
+        # example's outputs are one row whatever its padding); the batches, and so the sum, stay the spec's
+        packed = cfg.data.group_by_length and not setup.data.spec.is_qa
+        packing = Packing(trainer.example_outputs, rows=2 * size) if packed else None
+        head_imp, ffn_imp = compute_importance(model, masks, batches, loss_fn, desc=None if rank else "importance",
+                                               packing=packing)
     if p.normalize_by_layer:
         head_imp, ffn_imp = normalize_by_layer(head_imp), normalize_by_layer(ffn_imp)
     crash_point("importance_done")
