@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -22,12 +23,14 @@ def run_job(cfg: DictConfig) -> None:
     from cap.errors import UserError
     from cap.recipes import run
 
+    from cap.distributed import this_process
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     fresh = not any(p.name not in (".hydra", "__main__.log") for p in run_dir.iterdir())
     try:
         run(cfg, run_dir)
     except UserError as err:
-        if fresh:  # nothing of this run was written yet: leave no half-made run dir behind
+        if fresh and this_process().main:  # nothing of this run was written yet: leave no half-made run dir behind
             shutil.rmtree(run_dir, ignore_errors=True)
             remove_empty_parents(run_dir)
         print(f"error: {err}", file=sys.stderr)
@@ -64,10 +67,28 @@ def main() -> None:
         return report(composed)
 
     hydra_utils.run_and_report = run_and_report
+    sys.argv += launch_overrides(sys.argv[1:])
     try:
         run_job()
     finally:
         hydra_utils.run_and_report = report
+
+
+def launch_overrides(args: list[str]) -> list[str]:
+    """Under a launcher with several processes (cap.distributed), what Hydra must do differently: the processes other
+    than the main one write none of Hydra's files (`.hydra/`, the job log); a multirun's sweep dir is named after the
+    main process's start time, so that every process resolves the same one (each would read its own clock)."""
+    from cap.distributed import broadcast, join, this_process
+
+    process = this_process()
+    if process.world == 1:
+        return []
+    extra = [] if process.main else ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if {"-m", "--multirun"} & set(args) and not any(a.startswith("hydra.sweep.dir=") for a in args):
+        join()
+        started = broadcast(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+        extra.append(f"hydra.sweep.dir=multiruns/{started}")  # the default sweep dir (conf/config.yaml), one clock
+    return extra
 
 
 if __name__ == "__main__":

@@ -4,6 +4,13 @@ files. Under several processes each rank encodes a contiguous shard and the shar
 with the same bank."""
 from __future__ import annotations
 
+import math
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,7 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cap.contrastive import RepresentationBank
-from cap.io import crash_point, file_problem, this_process
+from cap.distributed import all_agree, barrier, broadcast, local_process, this_process
+from cap.io import crash_point, file_problem
 from cap.models import RepresentationTap
 from cap.precision import autocast, full_precision
 
@@ -133,9 +141,48 @@ def build_banks(cfg, data, dim: int, n_snapshots: int) -> dict[str, Representati
         raise UserError(f"bank.dtype={cfg.bank.dtype}: use one of {', '.join(BANK_DTYPES)}")
     labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
     sizes = {"prc": int(c.prc), "fic": int(c.fic), "snc": n_snapshots if c.snc else 0}
-    return {name: RepresentationBank(len(data.train), dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype],
-                                     device=cfg.bank.device, labels=labels)
-            for name, reps in sizes.items() if reps > 0}
+    return {name: make_bank(len(data.train), dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device,
+                            labels=labels, name=name) for name, reps in sizes.items() if reps > 0}
+
+
+def make_bank(n_items: int, dim: int, max_reps: int, *, dtype: torch.dtype, device: str, labels=None,
+              name: str = "bank", shared: bool | None = None) -> RepresentationBank:
+    """A RepresentationBank; `shared` (default: whenever several processes of a launch share a node and the bank is
+    on the CPU) keeps one copy per node in shared memory, written by the node's first process: every rank holds the
+    same bank, so N processes need not hold N copies."""
+    if shared is None:
+        shared = torch.device(device).type == "cpu" and local_process().world > 1
+    storage = shared_storage((n_items, max_reps, dim), dtype, name) if shared else None
+    if storage is None:
+        return RepresentationBank(n_items, dim, max_reps, dtype=dtype, device=device, labels=labels)
+    return RepresentationBank(n_items, dim, max_reps, dtype=dtype, device=device, labels=labels, storage=storage,
+                              writes=local_process().rank == 0, sync=barrier)
+
+
+def shared_storage(shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor | None:
+    """A tensor in this node's shared memory (/dev/shm), one for the node's processes: the node's first process
+    makes the file, every process maps it, and the name is removed once all have it, so the memory goes when the
+    last process ends (a killed run leaves nothing behind). The launch's processes call it together. None, with a
+    warning, where the node's shared memory is too small for it (each process then keeps its own copy)."""
+    token = broadcast(uuid.uuid4().hex[:12])  # one name for the launch, another for every launch
+    folder = Path(os.environ.get("CAP_SHM_DIR", "/dev/shm"))
+    path, numel = folder / f"cap-{token}-{name}", math.prod(shape)
+    first = local_process().rank == 0
+    room = folder.is_dir() and shutil.disk_usage(folder).free > 1.1 * numel * dtype.itemsize
+    if not all_agree(room):
+        warnings.warn(f"the {name} bank ({numel * dtype.itemsize / 2**30:.1f} GiB) does not fit in {folder} on "
+                      "every node: each process keeps its own copy (more room: a larger /dev/shm, e.g. docker "
+                      "--shm-size, or CAP_SHM_DIR=<a tmpfs folder>)", stacklevel=2)
+        return None
+    if first:
+        with open(path, "wb") as file:
+            file.truncate(numel * dtype.itemsize)
+    barrier()
+    storage = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+    barrier()
+    if first:
+        path.unlink()
+    return storage
 
 
 def save_banks(banks: dict[str, RepresentationBank], folder) -> None:
@@ -150,9 +197,7 @@ def save_banks(banks: dict[str, RepresentationBank], folder) -> None:
 def load_banks(banks: dict[str, RepresentationBank], folder) -> None:
     """Fill `banks` in place from `folder` (the storage is kept: no reallocation)."""
     for name, bank in banks.items():
-        saved = RepresentationBank.load(folder / f"{name}.safetensors", dtype=bank.storage.dtype)
-        bank.storage[:, : saved.n_reps].copy_(saved.view())
-        bank.n_reps = saved.n_reps
+        bank.fill(RepresentationBank.load(folder / f"{name}.safetensors", dtype=bank.storage.dtype).view())
 
 
 def load_or_encode(name: str, banks: dict[str, RepresentationBank], folder, model, dataset, collator, **kwargs):

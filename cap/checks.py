@@ -2,7 +2,7 @@
 so a value that cannot work fails at once with its key, not after a teacher was fine-tuned or midway through training.
 
 Types are the schema's (cap/config.py): Hydra refuses `trainer.lr=abc` while composing. What a type cannot say is
-here: ranges, choices, fp16 needing CUDA. The checks of one recipe's own keys stay in that recipe, at the top of its
+here: ranges, choices, fp16 needing CUDA, a global batch the launch's processes cannot split. The checks of one recipe's own keys stay in that recipe, at the top of its
 `run`: `prune.sequence` and `prune.importance_fraction` in `cap_f`, the movement levels (`prune.final`,
 `prune.target_sparsity`) in `movement`.
 """
@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cap import cli
 from cap.data import get_task
+from cap.distributed import batch_split, this_process
 from cap.errors import UserError
 from cap.models import POOLINGS
 from cap.precision import PRECISIONS
@@ -33,6 +34,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "logger.name", LOGGERS)
     for key in ("data.max_seq_length", "trainer.batch_size", "trainer.eval_batch_size"):
         _at_least(cfg, key, 1)
+    batch_split(cfg.trainer.batch_size, cfg.trainer.device_batch_size, this_process().world)
     for key in ("ce.weight", "kd.weight", "contrast.unsup_weight", "contrast.sup_weight"):
         _at_least(cfg, key, 0)
     for key in ("kd.temperature", "contrast.temperature"):

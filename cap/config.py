@@ -77,7 +77,9 @@ class BankConfig:
 
 @dataclass
 class TrainerConfig:
-    batch_size: int = doc("training examples per update and device")
+    batch_size: int = doc("training examples per update over all processes (the global batch)")
+    device_batch_size: Optional[int] = doc("examples per device per forward; null: batch_size / processes. "
+                                           "Smaller: gradient accumulation makes up the global batch")
     eval_batch_size: int = doc("examples per batch in evaluation, importance and bank encoding")
     lr: float = doc("the learning rate (AdamW, linear decay to 0)")
     weight_decay: float = doc("AdamW's weight decay; not applied to biases and LayerNorm")

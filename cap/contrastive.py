@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,13 +74,21 @@ def contrastive_loss(rep, bank, idx, extra_idx, *, temperature: float, unsup_wei
 class RepresentationBank:
     """Preallocated storage [N, R_max, H] of unit vectors: row i = training item i, column r = snapshot r.
 
-    Appending a snapshot writes into the next free column: nothing is reallocated or copied (spec Q21)."""
+    Appending a snapshot writes into the next free column: nothing is reallocated or copied (spec Q21).
+    `storage` gives the bank memory made elsewhere (one copy shared by the processes of a node: `cap.banks`); then
+    only a process with `writes` writes into it, and `sync` runs after every write (the others wait there)."""
 
     def __init__(self, n_items: int, dim: int, max_reps: int, *, dtype: torch.dtype = torch.float16,
-                 device: str | torch.device = "cpu", labels: torch.Tensor | None = None):
+                 device: str | torch.device = "cpu", labels: torch.Tensor | None = None,
+                 storage: torch.Tensor | None = None, writes: bool = True, sync: Callable[[], None] | None = None):
         device = torch.device(device)
         pin = device.type == "cpu" and torch.cuda.is_available()
-        self.storage = torch.empty(n_items, max_reps, dim, dtype=dtype, device=device, pin_memory=pin)
+        if storage is None:
+            storage = torch.empty(n_items, max_reps, dim, dtype=dtype, device=device, pin_memory=pin)
+        elif storage.shape != (n_items, max_reps, dim) or storage.dtype != dtype:
+            raise ValueError(f"storage {tuple(storage.shape)} {storage.dtype} is not [{n_items}, {max_reps}, {dim}] "
+                             f"{dtype}")
+        self.storage, self.writes, self.sync = storage, writes, sync
         self.n_reps = 0
         self.labels = None if labels is None else labels.long().to(device)
 
@@ -110,8 +119,21 @@ class RepresentationBank:
         if snapshot.shape != (self.n_items, self.storage.size(2)):
             raise ValueError(f"snapshot {tuple(snapshot.shape)} does not fit a bank of {self.n_items} x "
                              f"{self.storage.size(2)}")
-        self.storage[:, self.n_reps].copy_(snapshot)
+        self._write(self.n_reps, snapshot[:, None])
         self.n_reps += 1
+
+    def fill(self, vectors: torch.Tensor) -> None:
+        """Make `vectors` [N, R, H] the bank's snapshots (a saved bank read back)."""
+        if vectors.size(1) > self.max_reps:
+            raise RuntimeError(f"{vectors.size(1)} snapshots do not fit a bank of {self.max_reps}")
+        self._write(0, vectors)
+        self.n_reps = vectors.size(1)
+
+    def _write(self, start: int, vectors: torch.Tensor) -> None:
+        if self.writes:
+            self.storage[:, start:start + vectors.size(1)].copy_(vectors)
+        if self.sync is not None:
+            self.sync()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"vectors": self.view().contiguous(), "max_reps": torch.tensor(self.max_reps)}
@@ -137,6 +159,5 @@ class RepresentationBank:
         vectors = state["vectors"]
         bank = cls(vectors.size(0), vectors.size(2), int(state["max_reps"]), dtype=dtype or vectors.dtype,
                    device=device, labels=state.get("labels"))
-        bank.storage[:, : vectors.size(1)].copy_(vectors)
-        bank.n_reps = vectors.size(1)
+        bank.fill(vectors)
         return bank

@@ -1,7 +1,7 @@
 """Files a crash cannot leave half-written (write to a temporary sibling, then rename), the check that a file read
-back on resume is whole, the deletion of a finished run's Trainer checkpoints, `crash_point`, the hook tests use
-to kill a run at a chosen phase, and `this_process`, the one place that says which process of a launch this is
-(and so whether it writes). What a stage saves, and in which order, is `cap.stages`."""
+back on resume is whole, the deletion of a finished run's Trainer checkpoints, and `crash_point`, the hook tests use
+to kill a run at a chosen phase. Which process of a launch writes is `cap.distributed`; what a stage saves, and in
+which order, is `cap.stages`."""
 from __future__ import annotations
 
 import json
@@ -11,29 +11,10 @@ import signal
 import sys
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
 
-import torch.distributed as dist
 from transformers import TrainerCallback
 
-
-class Process(NamedTuple):
-    rank: int
-    world: int
-
-    @property
-    def main(self) -> bool:
-        """Whether this process writes the run's files: every rank holds the same model, masks and banks."""
-        return self.rank == 0
-
-
-def this_process() -> Process:
-    """(rank, number of processes) of this process: the torch.distributed group's once joined (TrainingArguments
-    joins it under torchrun / accelerate), before that the launcher's environment (RANK, WORLD_SIZE); (0, 1) when
-    launched alone."""
-    if dist.is_available() and dist.is_initialized():
-        return Process(dist.get_rank(), dist.get_world_size())
-    return Process(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+from cap.distributed import this_process
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -163,13 +144,16 @@ _crash_counts: dict[str, int] = {}
 
 def crash_point(name: str) -> None:
     """Test hook: with `CAP_KILL_AT=<name>[:<n>]` in the environment, the process kills itself (SIGKILL: no cleanup,
-    no `finally`) the n-th time (default 1) it reaches the point `name`. tests/test_resume.py stops runs this way
+    no `finally`) the n-th time (default 1) it reaches the point `name`; with `CAP_KILL_RANK=<r>`, only rank r of a
+    launch does. tests/test_resume.py stops runs this way
     at every phase and checks that the same command, run again, ends as an uninterrupted run.
 
     Points: bank_encoded, importance_done, selected_saved, checkpoint_saved, stage_saved, removing_checkpoints,
     epoch_evaluated, model_published, export_written."""
     target = os.environ.get("CAP_KILL_AT")
     if not target or target.partition(":")[0] != name:
+        return
+    if os.environ.get("CAP_KILL_RANK", str(this_process().rank)) != str(this_process().rank):
         return
     _crash_counts[name] = _crash_counts.get(name, 0) + 1
     if _crash_counts[name] == int(target.partition(":")[2] or 1):

@@ -14,10 +14,10 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from cap.banks import load_banks, save_banks
+from cap.distributed import this_process
 from cap.export import export_pruned
 from cap.io import (append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint, publish_dir,
-                    publish_linked, read_json, remove_checkpoints, save_tensors_atomic, this_process,
-                    write_json_atomic)
+                    publish_linked, read_json, remove_checkpoints, save_tensors_atomic, write_json_atomic)
 from cap.sparse import save_sparse
 
 

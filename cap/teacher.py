@@ -12,7 +12,8 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from cap.banks import encode_settings, forward_pass, load_banks, load_or_encode, save_banks, sentence_vectors
-from cap.io import crash_point, file_problem, save_tensors_atomic, this_process
+from cap.distributed import this_process
+from cap.io import crash_point, file_problem, save_tensors_atomic
 from cap.models import RepresentationTap
 
 LOGITS_FILE = "teacher_logits.safetensors"

@@ -14,9 +14,10 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
 
 from cap.data.tasks import get_task
-from cap.io import this_process
+from cap.distributed import this_process
 from cap.recipes import nominal_sparsity
 
 
@@ -53,6 +54,23 @@ def start(cfg: DictConfig, run_dir: Path) -> list[str]:
         id=_run_id(run_dir),
     )
     return ["wandb"]
+
+
+class UpdateAxis(TrainerCallback):
+    """W&B's x-axis for every metric: `train/update`, the updates of the whole run (CAPTrainer logs it), so CAP-f's
+    stages, each a Trainer counting from 0, follow each other on one axis, each evaluation at its own update."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import wandb
+
+        if wandb.run is not None:  # after the Trainer's W&B callback, which sets its own axis
+            wandb.define_metric("train/update")
+            wandb.define_metric("*", step_metric="train/update", step_sync=True)
+
+
+def callbacks(report_to: list[str]) -> list[TrainerCallback]:
+    """The Trainer callbacks tracking adds to a run's Trainers."""
+    return [UpdateAxis()] if "wandb" in report_to else []
 
 
 def _hydra_config() -> DictConfig | None:

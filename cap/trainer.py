@@ -65,13 +65,16 @@ class CAPTrainer(Trainer):
     The student's and teacher's forwards run under the precision's autocast; the losses stay fp32 (spec Q21).
     Evaluation computes CE only: the teacher is not run to score the dev set."""
 
+    loss_is_scaled_for_ga = False  # compute_loss returns a micro-batch's mean: the Trainer divides by accumulation
+
     def __init__(self, *args, weights: LossWeights, teacher: torch.nn.Module | None = None,
                  banks: dict[str, RepresentationBank] | None = None, contrast: Contrast | None = None,
                  draw_seed: int = 0, regularizer: Callable[[], torch.Tensor] | None = None,
                  log_extras: Callable[[], dict[str, float]] | None = None,
                  fixed_extra_idx: dict[str, torch.Tensor] | None = None,
-                 teacher_outputs: TeacherOutputs | None = None, **kwargs):
+                 teacher_outputs: TeacherOutputs | None = None, update_offset: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.update_offset = update_offset  # updates before this Trainer's (earlier CAP-f stages): logged as `update`
         self.weights = weights
         self.teacher = teacher
         self.teacher_outputs = teacher_outputs
@@ -85,9 +88,12 @@ class CAPTrainer(Trainer):
         self.banks = banks or {}
         self.contrast = contrast or Contrast()
         self.tap = RepresentationTap(self.model, self.contrast.pooling) if self.banks else None
-        # extras are drawn from a generator reseeded from (draw_seed, step) at every update, so a resumed run draws
-        # what an uninterrupted one would; recipes give each rank its own draw_seed (spec Q4)
+        # extras are drawn from a generator reseeded at every forward of an update from (draw_seed, step, stream),
+        # so a resumed run draws what an uninterrupted one would. The stream is the forward's place in the global
+        # batch: rank · accumulation steps + micro-batch. Each rank draws its own extras (spec Q4), and one process
+        # accumulating the global batch draws, for each micro-batch, what the rank training it would
         self.draw_seed = draw_seed
+        self._micro = 0
         # bank name -> extra ids used at every step instead of draws: tests, comparisons with another implementation
         self.fixed_extra_idx = fixed_extra_idx
         self.generator = torch.Generator().manual_seed(draw_seed)
@@ -186,25 +192,41 @@ class CAPTrainer(Trainer):
 
     def contrastive_terms(self, idx, rep, labels) -> dict[str, torch.Tensor]:
         c = self.contrast
-        if self.model.training and self.state.global_step != self._seeded_step:
-            self._seeded_step = self.state.global_step
-            self.generator.manual_seed(self.draw_seed * 1_000_003 + self._seeded_step)
+        if self.model.training:
+            step = self.state.global_step
+            self._micro = self._micro + 1 if step == self._seeded_step else 0
+            self._seeded_step = step
+            stream = self.args.process_index * self.args.gradient_accumulation_steps + self._micro
+            self.generator.manual_seed((self.draw_seed + 1000 * stream) * 1_000_003 + step)
         # the supervised term needs class ids: none for QA and regression (spec §6)
         use_labels = labels is not None and not labels.is_floating_point()
         terms = {}
-        for name, bank in self.banks.items():  # order prc, fic, snc fixes the draws (spec §2.7)
-            if bank.n_reps == 0:
-                continue
-            if self.fixed_extra_idx is not None:
-                extra = self.fixed_extra_idx[name]
-            else:
-                extra = draw_extra_idx(bank.n_items, bank.n_reps, c.extra_examples, self.generator)
+        for name, bank, extra in self._extras():
             terms[name] = contrastive_loss(
                 rep, bank.view(), idx, extra, temperature=c.temperature, unsup_weight=c.unsup_weight,
                 sup_weight=c.sup_weight if use_labels else 0.0, labels=labels if use_labels else None,
                 bank_labels=bank.labels if use_labels else None, normalization=c.normalization,
             )
         return terms
+
+    def _extras(self):
+        """(name, bank, extra ids) for every bank holding a snapshot, in the order prc, fic, snc that fixes the draws
+        (spec §2.7): one batch's draws."""
+        for name, bank in self.banks.items():
+            if bank.n_reps == 0:
+                continue
+            if self.fixed_extra_idx is not None:
+                yield name, bank, self.fixed_extra_idx[name]
+            else:
+                yield name, bank, draw_extra_idx(bank.n_items, bank.n_reps, self.contrast.extra_examples,
+                                                 self.generator)
+
+    def skip_draws(self, batches: int) -> None:
+        """Draw, and drop, the extras of `batches` batches: a rank passing only its share of the importance batches
+        draws for each what one process passing all of them in order would."""
+        for _ in range(batches):
+            for _ in self._extras():
+                pass
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         # CE and KD carry their config weights; contrastive and regulariser terms come weighted
@@ -240,4 +262,6 @@ class CAPTrainer(Trainer):
             self._balance = {}
         if "loss" in logs and self.log_extras is not None:
             logs.update(self.log_extras())
+        if "wandb" in self.args.report_to:  # the run's x-axis (cap.tracking.UpdateAxis)
+            logs["update"] = self.update_offset + self.state.global_step
         super().log(logs, *args, **kwargs)

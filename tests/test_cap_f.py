@@ -103,7 +103,7 @@ def test_without_teacher_path_a_teacher_is_fine_tuned_once_and_cached(tiny_model
                  "contrast.extra_examples=8", f"teacher.cache_dir={tmp_path / 'teachers'}"]
     run(composed(overrides), tmp_path / "a")
     assert "fine-tuning a teacher" in capsys.readouterr().out
-    (teacher,) = (tmp_path / "teachers").iterdir()
+    (teacher,) = [p for p in (tmp_path / "teachers").iterdir() if not p.name.startswith(".")]  # .<name>.lock
     assert (teacher / "model" / "config.json").exists()
     assert sorted(p.name for p in teacher.iterdir()) == ["metrics.json", "model"]  # its checkpoints deleted
     run(composed(overrides), tmp_path / "b")
@@ -115,7 +115,7 @@ def test_keep_checkpoints_keeps_them_and_a_finished_run_says_so(tiny_model_dir, 
                  "contrast.extra_examples=8", f"teacher.cache_dir={tmp_path / 'teachers'}",
                  "trainer.keep_checkpoints=true"]
     rows = run(composed(overrides), tmp_path / "run")
-    (teacher,) = (tmp_path / "teachers").iterdir()
+    (teacher,) = [p for p in (tmp_path / "teachers").iterdir() if not p.name.startswith(".")]  # .<name>.lock
     for folder in (teacher, tmp_path / "run" / "stages" / "0.5"):
         assert list(folder.glob("checkpoints/checkpoint-*/optimizer.pt"))
     assert "already finished" not in capsys.readouterr().out
@@ -149,5 +149,5 @@ def test_settings_can_be_chosen_on_a_split_carved_from_the_training_set(tiny_mod
                          f"teacher.cache_dir={tmp_path / 'teachers'}", "data.validation_from_train=40",
                          "data.eval_split=trainval"]), tmp_path / "run")
     assert [r["split"] for r in rows] == ["trainval"] and "accuracy" in rows[0]
-    (teacher,) = (tmp_path / "teachers").iterdir()
+    (teacher,) = [p for p in (tmp_path / "teachers").iterdir() if not p.name.startswith(".")]  # .<name>.lock
     assert [r["split"] for r in json.loads((teacher / "metrics.json").read_text())] == ["trainval"]

@@ -55,7 +55,7 @@ def refused(*overrides) -> str:
     (["+trainer.lrr=1"], "error: trainer.lrr: no such key; did you mean trainer.lr?"),
     (["trainer.lrr=1"], "error: trainer.lrr: no such key; did you mean trainer.lr?"),
     (["trainer.batch_size=1.5"], "error: trainer.batch_size=1.5: expected an integer (training examples per update "
-                                 "and device)"),
+                                 "over all processes (the global batch))"),
     (["method=cap_f", "prune.sequence=abc"], "error: prune.sequence=abc: expected a list of numbers such as [0.3,0.6] "
                                              "(cumulative fraction of heads and of FFN neurons pruned after each step, "
                                              "increasing)"),

@@ -149,6 +149,7 @@ def test_a_schedule_without_a_ramp_is_refused_and_a_short_ramp_warned():
 def test_every_movement_preset_fits_its_run():
     from helpers import REPO, composed
 
+    from cap.distributed import batch_split
     from cap.recipes.movement import check_schedule, planned_updates
 
     # training features of the paper's data (hub QQP and MNLI; SQuAD windows at 384/128) or the preset's subset
@@ -159,11 +160,15 @@ def test_every_movement_preset_fits_its_run():
     for name in presets:
         cfg = composed([f"experiment={name}"])
         if cfg.method.name in ("cap_m", "cap_soft"):
-            total, warmup = planned_updates(cfg, cfg.data.max_train_samples or sizes[cfg.task.name], 1)
+            total, warmup = planned_updates(cfg, cfg.data.max_train_samples or sizes[cfg.task.name])
             assert check_schedule(cfg, total, warmup) is None, name
             checked += 1
     assert checked == 20
-    assert planned_updates(composed(["experiment=paper/cap_m/qqp_90"]), sizes["qqp"], 1) == (113710, 11000)
+    # trainer.batch_size is the global batch: QQP's 113,710 updates and W = 11,000 on 1, 2, 4 or 8 processes
+    qqp = composed(["experiment=paper/cap_m/qqp_90"])
+    assert planned_updates(qqp, sizes["qqp"]) == (113710, 11000)
+    assert [batch_split(qqp.trainer.batch_size, None, world) for world in (1, 2, 4, 8)] == [(32, 1), (16, 1), (8, 1),
+                                                                                             (4, 1)]
 
 
 def test_lambda_ramps_with_the_threshold():

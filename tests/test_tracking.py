@@ -78,6 +78,29 @@ def test_wandb_offline_logs_config_terms_and_metrics(data_dir, tiny_model_dir, t
     assert summary["validation/accuracy"] == rows[0]["accuracy"]
 
 
+def test_cap_f_stages_share_one_wandb_axis(data_dir, tiny_model_dir, sst2_teacher_dir, tmp_path, monkeypatch):
+    """Each CAP-f stage is a Trainer counting updates from 0; W&B plots everything against `train/update`, the
+    updates of the whole run, so the stages follow each other and each evaluation sits at its own update."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(composed(tiny_overrides(tiny_model_dir, "sst2") + [
+        "logger=wandb", "method=cap_f", "prune.sequence=[0.25,0.5]", f"teacher.path={sst2_teacher_dir}"]), tmp_path)
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    history, axes = [], {}
+    for record in finished_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "metric" and record.metric.step_metric:
+            axes[record.metric.glob_name or record.metric.name] = record.metric.step_metric
+    assert axes.get("*") == "train/update"
+    evaluations = [h["train/update"] for h in history if "train/validation/accuracy" in h]
+    assert evaluations == [2, 4]  # trainer.max_steps=2 per stage: stage 2 continues where stage 1 ended
+    losses = [h["train/update"] for h in history if "train/loss" in h]
+    assert losses == sorted(losses) and losses[-1] > 2 >= losses[0]
+    assert all("train/update" in h for h in history if "train/loss" in h or "train/validation/accuracy" in h)
+
+
 @pytest.mark.parametrize("overrides, expected", [
     (["experiment=paper/cap_m/qqp_90"],
      ["task:qqp", "method:cap_m", "sparsity:0.9", "ablation:full", "seed:42"]),

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cap.checks import validate
 from cap.data import get_task
+from cap.distributed import batch_split, describe_batch, join, this_process
 from cap.errors import UserError
-from cap.io import this_process
 from cap.models import check_prunable, resolve_pooling
 from cap.precision import resolve_config
 
+log = logging.getLogger(__name__)
 RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
 # metrics.json fields that describe a row rather than measure the model
 ROW_FIELDS = ("stage", "method", "step", "split", "sparsity", "warnings")
@@ -26,6 +28,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if cfg.method.name not in RECIPES:
         raise UserError(f"unknown method '{cfg.method.name}': choose one of {', '.join(RECIPES)}")
     validate(cfg)
+    join()  # under a launcher: the processes agree on what is written, and by whom, before anything is (cap.distributed)
+    log_batch(cfg)
     check_prunable(cfg.model.name_or_path, get_task(cfg.task.name), cfg.method.name)
     if cfg.contrast.pooling == "auto":
         cfg.contrast.pooling = resolve_pooling("auto", cfg.model.name_or_path)
@@ -37,6 +41,17 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if this_process().main:
         print(summary(run_dir, rows, cfg.method.name))
     return rows
+
+
+def log_batch(cfg: DictConfig) -> None:
+    """Log how the global batch is made (processes x per-device batch x accumulation); also printed where it is more
+    than one process's single batch."""
+    world = this_process().world
+    device_batch, accumulation = batch_split(cfg.trainer.batch_size, cfg.trainer.device_batch_size, world)
+    message = describe_batch(cfg.trainer.batch_size, device_batch, accumulation, world)
+    log.info(message)
+    if this_process().main and device_batch != cfg.trainer.batch_size:
+        print(message)
 
 
 def record_precision(run_dir: Path, precision: str) -> None:

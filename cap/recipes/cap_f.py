@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 
 from cap import tracking
 from cap.banks import build_banks, encode_settings, encode_snapshot
+from cap.distributed import this_process
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
-from cap.io import CrashPoints, crash_point, this_process
+from cap.io import CrashPoints, crash_point
 from cap.pruning import (Packing, StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
 from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
@@ -57,7 +58,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
             rows += stage.restore(model, masks)
             continue
         trained = True
-        trainer = stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs)
+        # W&B: one x-axis over the stages, the updates of the earlier stages (each Trainer counts from 0)
+        earlier = sum({r["stage"]: r["step"] for r in rows}.values())
+        trainer = stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs, update_offset=earlier)
         if not stage.load_selection(masks):  # a stage killed while retraining keeps the masks and banks it chose
             head_imp, ffn_imp = unit_importance(cfg, trainer, setup, masks, step)  # §5.1, with the current loss
             new, importance = choose_units(cfg, masks, head_imp, ffn_imp, target)  # the least important go
@@ -76,11 +79,12 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     return rows
 
 
-def stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs=None):
+def stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs=None, update_offset: int = 0):
     """The step's Trainer: `prune.retrain_epochs` epochs with a fresh optimizer, its checkpoints in the stage."""
     args = training_arguments(cfg, stage.checkpoints, report_to)
     args.num_train_epochs = cfg.prune.retrain_epochs
-    return pruning_trainer(cfg, setup, args, banks, callbacks=[CrashPoints()], teacher_outputs=teacher_outputs)
+    return pruning_trainer(cfg, setup, args, banks, callbacks=[CrashPoints(), *tracking.callbacks(report_to)],
+                           teacher_outputs=teacher_outputs, update_offset=update_offset)
 
 
 def evaluate_stage(trainer, data, masks, step: int, sparsity: float, stage) -> list[dict]:
@@ -116,11 +120,18 @@ def unit_importance(cfg, trainer, setup, masks, step: int):
         # importance is that of one process passing every batch
         rank, world = this_process()
         size = p.importance_batch_size
-        shares = [rows[i:i + size] for i in range(0, len(rows), size)][rank::world]
-        loader = DataLoader(train, batch_sampler=shares, collate_fn=setup.collator)
+        every = [rows[i:i + size] for i in range(0, len(rows), size)]
+        loader = DataLoader(train, batch_sampler=every[rank::world], collate_fn=setup.collator)
         batches = ({k: v.to(device) for k, v in b.items()} for b in loader)
 
+        # the contrastive extras of batch i are the i-th draws of the step's Trainer, on any number of ranks
+        order, drawn = iter(range(rank, len(every), world)), [0]
+
         def loss_fn(model, batch, outputs=None):
+            if step > 0:
+                index = next(order)
+                trainer.skip_draws(index - drawn[0])  # the other ranks' batches before this one
+                drawn[0] = index + 1
             if outputs is not None:  # packed: the batch's examples ran in forwards grouped by length
                 return trainer.batch_loss(model, batch, outputs, contrast=step > 0)
             terms, _ = trainer.loss_terms(model, batch, contrast=step > 0)

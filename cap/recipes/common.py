@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from cap.data import TaskData, get_task, load_task_data
+from cap.distributed import batch_split, main_first, this_process
 from cap.errors import UserError
-from cap.io import this_process
 from cap.models import build_model, load_teacher, load_tokenizer
 from cap.precision import resolve_config
 from cap.trainer import CAPTrainer, Contrast, LossWeights
@@ -34,14 +34,15 @@ def prepare(cfg: DictConfig, *, teacher_path: str | None = None) -> Setup:
     spec = get_task(cfg.task.name)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     eval_split = cfg.data.eval_split
-    data = load_task_data(
-        spec.name, tokenizer, data_dir=cfg.data.dir, train_split=cfg.data.train_split,
-        eval_splits=OmegaConf.to_object(eval_split) if OmegaConf.is_config(eval_split) else eval_split,
-        max_seq_length=cfg.data.max_seq_length, max_train_samples=cfg.data.max_train_samples,
-        max_eval_samples=cfg.data.max_eval_samples, seed=cfg.data.seed, doc_stride=cfg.data.doc_stride,
-        max_query_length=cfg.data.max_query_length, cache_dir=cfg.data.cache_dir,
-        validation_from_train=cfg.data.validation_from_train,
-    )
+    with main_first():  # the main process tokenises into the cache, the others load it from there
+        data = load_task_data(
+            spec.name, tokenizer, data_dir=cfg.data.dir, train_split=cfg.data.train_split,
+            eval_splits=OmegaConf.to_object(eval_split) if OmegaConf.is_config(eval_split) else eval_split,
+            max_seq_length=cfg.data.max_seq_length, max_train_samples=cfg.data.max_train_samples,
+            max_eval_samples=cfg.data.max_eval_samples, seed=cfg.data.seed, doc_stride=cfg.data.doc_stride,
+            max_query_length=cfg.data.max_query_length, cache_dir=cfg.data.cache_dir,
+            validation_from_train=cfg.data.validation_from_train,
+        )
     model = build_model(cfg.model.name_or_path, spec)
     teacher_path = teacher_path or cfg.teacher.path
     teacher = None
@@ -71,10 +72,10 @@ def contrast_settings(cfg: DictConfig) -> Contrast:
 def pruning_trainer(cfg: DictConfig, setup: Setup, args: TrainingArguments, banks: dict,
                     **kwargs) -> CAPTrainer:
     """A CAPTrainer for a pruning recipe: CAP's loss (spec §3) with the config's weights and contrastive settings on
-    `banks`, its extras drawn from a seed of this rank's own (Q4); `kwargs` go to the Trainer."""
+    `banks`, its extras drawn per rank and micro-batch (Q4, `CAPTrainer`); `kwargs` go to the Trainer."""
     return CAPTrainer(model=setup.model, args=args, train_dataset=setup.data.train, data_collator=setup.collator,
                       processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
-                      banks=banks, contrast=contrast_settings(cfg), draw_seed=cfg.seed + 1000 * this_process().rank,
+                      banks=banks, contrast=contrast_settings(cfg), draw_seed=cfg.seed,
                       **kwargs)
 
 
@@ -82,9 +83,12 @@ def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) 
     resolve_config(cfg)  # trainer.precision=auto, where no recipe resolved it yet (cap.evaluate)
     t = cfg.trainer
     save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}
+    # trainer.batch_size is the global batch: the same updates on any number of processes
+    device_batch, accumulation = batch_split(t.batch_size, t.device_batch_size, this_process().world)
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=device_batch,
+        gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=t.eval_batch_size,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,

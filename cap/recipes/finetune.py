@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cap import tracking
+from cap.distributed import barrier, broadcast, job_lock, this_process
 from cap.evaluation import evaluate_task
 from cap.io import publish_dir, read_json, write_json_atomic
 from cap.precision import resolve_config
@@ -28,24 +29,26 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         return read_json(run_dir / "metrics.json", [])
     setup = prepare(cfg)
     last = stage.checkpoint()
+    args = training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir))
     trainer = CAPTrainer(
-        model=setup.model, args=training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir)),
-        train_dataset=setup.data.train, data_collator=setup.collator, processing_class=setup.tokenizer,
-        weights=loss_weights(cfg), teacher=setup.teacher,
+        model=setup.model, args=args, train_dataset=setup.data.train, data_collator=setup.collator,
+        processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
+        callbacks=tracking.callbacks(args.report_to),
     )
     if last:
         print(f"resuming from {last}")
     trainer.train(resume_from_checkpoint=last)
 
-    results = evaluate_task(trainer, setup.data, out_dir=run_dir)
+    results = evaluate_task(trainer, setup.data, out_dir=run_dir if stage.writes else None)
     rows = metric_rows(results, stage="final", method="finetune", sparsity=0.0, step=trainer.state.global_step)
-    write_json_atomic(run_dir / "metrics.json", rows)  # a resumed run rewrites its single final row
-    tracking.log_summary({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})
-
     tmp = run_dir / "model.tmp"
-    trainer.save_model(str(tmp))
-    (tmp / DONE).touch()
-    publish_dir(tmp, model_dir)
+    trainer.save_model(str(tmp))  # the main process writes (the Trainer's rule, as ours)
+    if stage.writes:
+        write_json_atomic(run_dir / "metrics.json", rows)  # a resumed run rewrites its single final row
+        tracking.log_summary({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})
+        (tmp / DONE).touch()
+        publish_dir(tmp, model_dir)
+    barrier()  # the others read the model once it is in place
     stage.drop_checkpoints()  # the run is finished once model/DONE is in place
     tracking.finish()
     return rows
@@ -76,12 +79,24 @@ def teacher_run(cfg: DictConfig) -> tuple[Path, DictConfig]:
 
 
 def ensure_teacher(cfg: DictConfig) -> str:
-    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs."""
+    """`teacher.path`, or a teacher fine-tuned now and cached under `teacher.cache_dir` for later runs. Jobs that
+    need the same teacher take turns under a lock: the first fine-tunes it (all of its processes together), the
+    others wait and reuse it; a job killed while fine-tuning leaves a resumable run behind, not a held lock."""
     if cfg.teacher.path:
         return cfg.teacher.path
     teacher_dir, teacher_cfg = teacher_run(cfg)
-    if not (teacher_dir / "model" / DONE).exists():
-        print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
-        teacher_dir.mkdir(parents=True, exist_ok=True)
-        print("teacher " + summary(teacher_dir, run(teacher_cfg, teacher_dir), "finetune"))
+    done = teacher_dir / "model" / DONE
+    if not broadcast(done.exists()):
+        if this_process().main:
+            teacher_dir.parent.mkdir(parents=True, exist_ok=True)
+        barrier()
+        with job_lock(teacher_dir.with_name(f".{teacher_dir.name}.lock"), f"fine-tuning the teacher {teacher_dir}"):
+            if not broadcast(done.exists()):  # the job that held the lock may have fine-tuned it
+                if this_process().main:
+                    print(f"no teacher.path given: fine-tuning a teacher into {teacher_dir} (cached for later runs)")
+                    teacher_dir.mkdir(parents=True, exist_ok=True)
+                barrier()
+                rows = run(teacher_cfg, teacher_dir)
+                if this_process().main:
+                    print("teacher " + summary(teacher_dir, rows, "finetune"))
     return str(teacher_dir / "model")

@@ -23,7 +23,7 @@ from cap.banks import build_banks, encode_settings, encode_snapshot
 from cap.data import get_task, read_glue_split
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
-from cap.io import CrashPoints, this_process
+from cap.io import CrashPoints
 from cap.pruning.granularity import GRANULARITIES
 from cap.pruning.movement import (CRITERIA, MovementScores, SparsityController, lambda_schedule, schedule_phases,
                                   threshold_schedule)
@@ -53,17 +53,17 @@ def check_levels(p) -> None:
                         "per attention head and FFN neuron; with prune.criterion=topk or soft)")
 
 
-def planned_updates(cfg: DictConfig, n_train: int | None, world_size: int) -> tuple[int, int] | None:
-    """(T, W): the optimizer updates the Trainer runs on `n_train` training features over `world_size` processes,
-    and the schedule's W (trainer.warmup: a fraction of T when < 1, else a number of updates); None when T depends
-    on an unknown `n_train`."""
+def planned_updates(cfg: DictConfig, n_train: int | None) -> tuple[int, int] | None:
+    """(T, W): the optimizer updates the Trainer runs on `n_train` training features (in updates of the global
+    batch: the same on any number of processes), and the schedule's W (trainer.warmup: a fraction of T when < 1,
+    else a number of updates); None when T depends on an unknown `n_train`."""
     t = cfg.trainer
     if t.max_steps > 0:
         total = t.max_steps
     elif n_train is None:
         return None
     else:
-        total = math.ceil(n_train / (t.batch_size * world_size)) * math.ceil(t.epochs)
+        total = math.ceil(n_train / t.batch_size) * math.ceil(t.epochs)
     return total, int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
 
 
@@ -209,14 +209,13 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if stage.finished():
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
         return stage.rows()
-    world_size = this_process().world
     if not cfg.teacher.path:  # a teacher is fine-tuned first: refuse a schedule that cannot fit before that
-        planned = planned_updates(cfg, None, world_size) or planned_updates(cfg, training_rows(cfg), world_size)
+        planned = planned_updates(cfg, None) or planned_updates(cfg, training_rows(cfg))
         if planned:
             check_schedule(cfg, *planned)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data = setup.model, setup.data
-    total_steps, warmup_steps = planned_updates(cfg, len(data.train), world_size)
+    total_steps, warmup_steps = planned_updates(cfg, len(data.train))
     short_ramp = check_schedule(cfg, total_steps, warmup_steps)
     notes = [short_ramp] if short_ramp else []  # also written onto the final metrics rows
     if short_ramp:
@@ -237,9 +236,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
                                                       score_lr=p.score_lr), eps=args.adam_epsilon)
     # FiC: the fine-tuned teacher, encoded once (§4); with teacher.cache_outputs its logits from the same pass
     teacher_outputs = teacher_pass(cfg, setup, banks, stage.banks, args.device)
+    callbacks = [schedule, evaluation, CrashPoints(), *tracking.callbacks(args.report_to)]
     trainer = pruning_trainer(cfg, setup, args, banks, regularizer=regularizer, log_extras=schedule.log_values,
-                              optimizers=(optimizer, None), callbacks=[schedule, evaluation, CrashPoints()],
-                              teacher_outputs=teacher_outputs)
+                              optimizers=(optimizer, None), callbacks=callbacks, teacher_outputs=teacher_outputs)
     evaluation.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.release()
