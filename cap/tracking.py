@@ -1,4 +1,5 @@
-"""Experiment tracking: W&B when `logger=wandb` (offline without an API key), nothing when `logger=none`.
+"""Experiment tracking: W&B when `logger=wandb` (offline without an API key), nothing when `logger=none`; always
+the run's own `trainer_log.jsonl` (`TrainingLog`: every logged record, the curves a study commits).
 
 The Trainer's own W&B callback logs the training curves and loss terms into the run started here; this module
 adds the run's identity (project, group, tags, full config) and the evaluation rows. Every run of one Hydra sweep
@@ -7,6 +8,7 @@ runs can be filtered by task, method, sparsity, ablation and seed.
 """
 from __future__ import annotations
 
+import json
 import netrc
 import os
 from pathlib import Path
@@ -68,9 +70,38 @@ class UpdateAxis(TrainerCallback):
             wandb.define_metric("*", step_metric="train/update", step_sync=True)
 
 
-def callbacks(report_to: list[str]) -> list[TrainerCallback]:
-    """The Trainer callbacks tracking adds to a run's Trainers."""
-    return [UpdateAxis()] if "wandb" in report_to else []
+class TrainingLog(TrainerCallback):
+    """Every record the Trainer logs (the loss and each of its terms, λ, τ and sparsity, the gradient-balance figures,
+    evaluations), one JSON line each in `path` (`trainer_log.jsonl` beside `metrics.json`), with `update`, the updates
+    of the whole run. Written by the main process; a resumed Trainer drops the lines after the update it resumes
+    from, so the file reads as an uninterrupted run's."""
+
+    def __init__(self, path: Path, update_offset: int = 0):
+        self.path, self.update_offset = Path(path), update_offset
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.exists():
+            return
+        reached = self.update_offset + state.global_step
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["update"] <= reached]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, self.path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"update": self.update_offset + state.global_step, "epoch": state.epoch,
+                      **{k: v for k, v in logs.items() if k != "update"}}
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+
+
+def callbacks(report_to: list[str], run_dir: Path, update_offset: int = 0) -> list[TrainerCallback]:
+    """The Trainer callbacks tracking adds to a run's Trainers: the local training log, W&B's axis."""
+    log = [TrainingLog(Path(run_dir) / "trainer_log.jsonl", update_offset)]
+    return log + ([UpdateAxis()] if "wandb" in report_to else [])
 
 
 def _hydra_config() -> DictConfig | None:

@@ -4,7 +4,9 @@
 # epochs, the controller steering to 90 %), contrast.enabled=true,false, seeds 1-3, the subset and the teacher pinned
 # to seed 42; then cap.report of the finished runs into results/minilm-sst2-cap-soft-vs-soft/ (CAP-soft = ablation
 # "full", soft movement = "baseline"). Re-running resumes. About 12 minutes a CAP-soft run and 10 a soft-movement
-# run on 2 idle cores; seeds 1-2 are committed, seed 3 was cut off by the compute budget.
+# run on 2 idle cores; seeds 1-3 are committed. They ran the old path (fp32, random batches, the teacher recomputed;
+# their configs say so): to run them again as they ran, append trainer.precision=fp32 data.group_by_length=false
+# teacher.cache_outputs=false to the command below.
 # Usage: scripts/cap_soft_vs_soft_movement.sh [work dir, default multiruns/minilm-sst2-cap-soft-vs-soft] [--report-only]
 set -euo pipefail
 STUDY=minilm-sst2-cap-soft-vs-soft

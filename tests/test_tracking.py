@@ -99,6 +99,37 @@ def test_cap_f_stages_share_one_wandb_axis(data_dir, tiny_model_dir, sst2_teache
     losses = [h["train/update"] for h in history if "train/loss" in h]
     assert losses == sorted(losses) and losses[-1] > 2 >= losses[0]
     assert all("train/update" in h for h in history if "train/loss" in h or "train/validation/accuracy" in h)
+    # the same records in the run's own log
+    log = [json.loads(line) for line in (tmp_path / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in log if "validation/accuracy" in r] == [2, 4]
+    assert [r["update"] for r in log if "loss" in r] == losses
+    assert all("loss_ce" in r and "loss_prc" in r for r in log if "loss" in r and r["update"] > 2)
+
+
+def test_training_log_keeps_soft_movement_curves_and_reads_as_one_run_after_a_resume(data_dir, tiny_model_dir,
+                                                                                       sst2_teacher_dir, tmp_path):
+    from transformers import TrainerState
+
+    from cap.tracking import TrainingLog
+
+    run(composed(tiny_overrides(tiny_model_dir, "sst2") + [
+        "method=cap_soft", f"teacher.path={sst2_teacher_dir}", "trainer.max_steps=-1", "trainer.epochs=2",
+        "trainer.warmup=1", "prune.initial_warmup=0", "prune.final_warmup=1"]), tmp_path)
+    path = tmp_path / "trainer_log.jsonl"
+    log = [json.loads(line) for line in path.read_text().splitlines()]
+    training = [r for r in log if "loss" in r]
+    assert [r["update"] for r in training] == [1, 2, 3, 4]  # logging_steps=1
+    for key in ("loss_ce", "loss_kd", "loss_reg", "prune_level", "prune_lambda", "sparsity_entries", "learning_rate"):
+        assert all(key in r for r in training), key
+    assert [r["update"] for r in log if "validation/accuracy" in r] == [2, 4]  # every epoch evaluated
+
+    # a Trainer resumed from update 2 drops what the killed attempt logged after it
+    state = TrainerState()
+    state.global_step, state.is_world_process_zero = 2, True
+    TrainingLog(path).on_train_begin(None, state, None)
+    assert max(json.loads(line)["update"] for line in path.read_text().splitlines()) == 2
+
+
 
 
 @pytest.mark.parametrize("overrides, expected", [

@@ -83,7 +83,8 @@ def stage_trainer(cfg, setup, stage, banks, report_to, teacher_outputs=None, upd
     """The step's Trainer: `prune.retrain_epochs` epochs with a fresh optimizer, its checkpoints in the stage."""
     args = training_arguments(cfg, stage.checkpoints, report_to)
     args.num_train_epochs = cfg.prune.retrain_epochs
-    return pruning_trainer(cfg, setup, args, banks, callbacks=[CrashPoints(), *tracking.callbacks(report_to)],
+    logs = tracking.callbacks(report_to, stage.run_dir, update_offset)  # the run's log, one x-axis
+    return pruning_trainer(cfg, setup, args, banks, callbacks=[CrashPoints(), *logs],
                            teacher_outputs=teacher_outputs, update_offset=update_offset)
 
 

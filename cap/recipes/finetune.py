@@ -33,7 +33,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     trainer = CAPTrainer(
         model=setup.model, args=args, train_dataset=setup.data.train, data_collator=setup.collator,
         processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
-        callbacks=tracking.callbacks(args.report_to),
+        callbacks=tracking.callbacks(args.report_to, run_dir),
     )
     if last:
         print(f"resuming from {last}")

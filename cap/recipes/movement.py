@@ -236,7 +236,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
                                                       score_lr=p.score_lr), eps=args.adam_epsilon)
     # FiC: the fine-tuned teacher, encoded once (§4); with teacher.cache_outputs its logits from the same pass
     teacher_outputs = teacher_pass(cfg, setup, banks, stage.banks, args.device)
-    callbacks = [schedule, evaluation, CrashPoints(), *tracking.callbacks(args.report_to)]
+    callbacks = [schedule, evaluation, CrashPoints(), *tracking.callbacks(args.report_to, run_dir)]
     trainer = pruning_trainer(cfg, setup, args, banks, regularizer=regularizer, log_extras=schedule.log_values,
                               optimizers=(optimizer, None), callbacks=callbacks, teacher_outputs=teacher_outputs)
     evaluation.trainer = trainer

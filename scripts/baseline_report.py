@@ -1,0 +1,162 @@
+"""Tables, choice and plots of the tuned soft-movement baseline study (scripts/tune_soft_movement_baseline.sh).
+
+    python scripts/baseline_report.py results/minilm-sst2-soft-baseline/runs --out results/minilm-sst2-soft-baseline
+
+Phase select (RUNS/select: soft movement over its grid, evaluated on the held-out training rows `trainval` only):
+  selection.csv / .md  final-epoch trainval accuracy and final sparsity per setting, per seed and mean ± sample std
+  choice.json          the setting the rule picks: among the settings whose final sparsity averages at least 0.89,
+                       the highest trainval accuracy averaged over the seeds; only once every setting has the same
+                       seeds
+Phase dev (RUNS/dev: the chosen baseline and CAP-soft, the dev set read once):
+  dev.csv / .md        final-epoch dev accuracy and sparsity per arm (per seed, mean ± std) and CAP-soft minus the
+                       baseline, paired by seed
+  curves.png           the logged training curves (trainer_log.jsonl) of the arms side by side, seed 1: λ, the
+                       threshold τ, sparsity, CE, KD, the contrastive terms, and dev accuracy per epoch
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cap.report import finished_runs
+
+GRID = ("prune.score_lr", "ce.weight", "kd.weight")
+MIN_SPARSITY = 0.89
+
+
+def runs(root: Path) -> list[dict]:
+    """One record per finished run under `root`: its arm, seed, final-epoch accuracy (%) and sparsity, its log."""
+    out = []
+    if not root.is_dir():
+        return out
+    for rows, config in finished_runs(root):
+        cfg = OmegaConf.load(config)
+        last = max(r["stage"] for r in rows)
+        final = next(r for r in rows if r["stage"] == last)
+        arm = "CAP-soft" if cfg.contrast.enabled else "soft movement " + " ".join(
+            f"{key}={OmegaConf.select(cfg, key)}" for key in GRID)
+        log = config.parent / "trainer_log.jsonl"
+        out.append({"arm": arm, "seed": int(cfg.seed), "accuracy": 100 * final["accuracy"],
+                    "sparsity": final["sparsity"], "split": final["split"],
+                    "overrides": [f"{key}={OmegaConf.select(cfg, key)}" for key in GRID],
+                    "epochs": [(r["stage"], 100 * r["accuracy"]) for r in rows],
+                    "log": [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []})
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def table(records: list[dict], path: Path, title: str) -> list[dict]:
+    """Per arm: accuracy and sparsity per seed and mean ± std, written as CSV and markdown; returns the rows."""
+    arms = sorted({r["arm"] for r in records})
+    rows = []
+    for arm in arms:
+        mine = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
+        rows.append({"arm": arm, "seeds": [r["seed"] for r in mine], "accuracy": [round(r["accuracy"], 2) for r in mine],
+                     "sparsity": [round(r["sparsity"], 4) for r in mine],
+                     "accuracy_mean_std": mean_std([r["accuracy"] for r in mine]),
+                     "sparsity_mean": round(statistics.mean(r["sparsity"] for r in mine), 4),
+                     "overrides": mine[0]["overrides"]})
+    with path.with_suffix(".csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["arm", "seeds", "accuracy", "accuracy_mean_std", "sparsity", "sparsity_mean"])
+        for row in rows:
+            writer.writerow([row["arm"], row["seeds"], row["accuracy"], row["accuracy_mean_std"], row["sparsity"],
+                             row["sparsity_mean"]])
+    lines = [f"# {title}", "", "| arm | seeds | accuracy (%) per seed | mean ± std | final sparsity (mean) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['seeds']} | {r['accuracy']} | {r['accuracy_mean_std']} | {r['sparsity_mean']} |"
+              for r in rows]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """The rule: among the settings reaching the target (mean final sparsity >= MIN_SPARSITY), the highest mean
+    trainval accuracy; None until every setting has the same seeds."""
+    if not rows or len({tuple(r["seeds"]) for r in rows}) != 1:
+        return None
+    eligible = [r for r in rows if r["sparsity_mean"] >= MIN_SPARSITY]
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda r: statistics.mean(r["accuracy"]))
+    return {"arm": best["arm"], "overrides": best["overrides"], "seeds": best["seeds"],
+            "trainval_accuracy_mean": round(statistics.mean(best["accuracy"]), 2),
+            "rule": f"mean final sparsity >= {MIN_SPARSITY}, then the highest mean final-epoch trainval accuracy"}
+
+
+def paired(records: list[dict]) -> str | None:
+    """CAP-soft minus the baseline, paired by seed, mean ± std (None without both arms)."""
+    cap = {r["seed"]: r["accuracy"] for r in records if r["arm"] == "CAP-soft"}
+    base = {r["seed"]: r["accuracy"] for r in records if r["arm"] != "CAP-soft"}
+    seeds = sorted(cap.keys() & base.keys())
+    if not seeds:
+        return None
+    diffs = [cap[s] - base[s] for s in seeds]
+    return f"CAP-soft minus the baseline, paired by seed {seeds}: {mean_std(diffs)} points ({[round(d, 2) for d in diffs]})"
+
+
+CURVES = [("prune_lambda", "λ"), ("prune_level", "threshold τ"), ("sparsity_entries", "sparsity"), ("loss_ce", "CE"),
+          ("loss_kd", "KD"), ("contrast", "contrastive terms (PrC + FiC + SnC)")]
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed1 = [r for r in records if r["seed"] == 1 and r["log"]]
+    if not seed1:
+        return
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    for ax, (key, title) in zip(axes.flat, CURVES + [("accuracy", "dev accuracy (%) per epoch")]):
+        for r in seed1:
+            if key == "accuracy":
+                ax.plot(*zip(*r["epochs"]), marker="o", label=r["arm"])
+                continue
+            points = [(e["update"], sum(e.get(k, 0) for k in ("loss_prc", "loss_fic", "loss_snc")) if key == "contrast"
+                       else e[key]) for e in r["log"] if "loss" in e and (key == "contrast" or key in e)]
+            if points:
+                ax.plot(*zip(*points), label=r["arm"])
+        ax.set_title(title)
+        ax.set_xlabel("epoch" if key == "accuracy" else "update")
+    axes.flat[-1].axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("seed 1: CAP-soft and the chosen soft-movement baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    a = parser.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    selection = runs(a.runs / "select")
+    if selection:
+        rows = table(selection, a.out / "selection", "Phase select: soft movement on trainval (final epoch)")
+        choice = choose(rows)
+        if choice:
+            (a.out / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
+            print(f"choice: {choice['arm']} (trainval {choice['trainval_accuracy_mean']})")
+    dev = runs(a.runs / "dev")
+    if dev:
+        table(dev, a.out / "dev", "Phase dev: CAP-soft and the chosen baseline on the dev set (final epoch)")
+        if line := paired(dev):
+            with (a.out / "dev.md").open("a") as file:
+                file.write(f"\n{line}\n")
+            print(line)
+        plot(dev, a.out / "curves.png")
+
+
+if __name__ == "__main__":
+    main()
