@@ -189,8 +189,10 @@ def _pruned(model) -> dict[str, float]:
     from cap.pruning.structured import encoder_layers
 
     config = model.config
+    # the dense model of the same config: the stock class an export's PrunedBert class derives from
+    stock = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
     with torch.device("meta"):
-        dense = type(model)(config)
+        dense = stock(config)
     n_layers, n_heads, n_neurons = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
     head_size = config.hidden_size // n_heads
     dense_entries = sum(linear.weight.numel() for _, linear in prunable_linears(dense))

@@ -18,6 +18,7 @@ from cap.distributed import this_process
 from cap.export import export_pruned
 from cap.io import (append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint, publish_dir,
                     publish_linked, read_json, remove_checkpoints, save_tensors_atomic, write_json_atomic)
+from cap.model_card import write_card
 from cap.sparse import save_sparse
 
 
@@ -27,7 +28,7 @@ class Stage:
     def __init__(self, folder: Path, cfg):
         self.folder = Path(folder)
         self.checkpoints = self.folder / "checkpoints"
-        self.resume, self.keep_checkpoints = cfg.trainer.resume, cfg.trainer.keep_checkpoints
+        self.cfg, self.resume, self.keep_checkpoints = cfg, cfg.trainer.resume, cfg.trainer.keep_checkpoints
         self.writes = this_process().main
 
     def checkpoint(self, required: tuple[str, ...] = ()) -> str | None:
@@ -111,13 +112,13 @@ class StructuredStage(Stage):
         Trainer checkpoints are deleted."""
         if not self.writes:
             return
-        self._save_folded(model, masks, tokenizer)
+        self._save_folded(model, masks, tokenizer, rows)
         append_metrics(self.run_dir, rows)
         crash_point("stage_saved")
         write_json_atomic(self.folder / "DONE", {"rows": rows})
         self.drop_checkpoints()
 
-    def _save_folded(self, model, masks, tokenizer) -> None:
+    def _save_folded(self, model, masks, tokenizer, rows: list[dict]) -> None:
         """Save the model folded: `from_pretrained` on `model/` gives the pruned model, no hooks needed.
 
         The live model stays unfolded, as the original's: the next importance pass sees the masked units' weights
@@ -127,6 +128,7 @@ class StructuredStage(Stage):
         tmp = self.folder / "model.tmp"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_card(tmp, self.cfg, rows)
         masks.unfold(model, zeroed)
         publish_dir(tmp, self.folder / "model")
         save_tensors_atomic(zeroed, self.folder / "masked_weights.safetensors")
@@ -205,23 +207,27 @@ class MovementStage(Stage):
     def save_result(self, model, tokenizer, notes: list[str], unit_masks: dict | None = None) -> None:
         """The run's model (scores folded) as a standard checkpoint, `model/`, then a compact one, `sparse/`, or,
         given the `unit_masks` of a structured run, those masks and the model without the units they remove,
-        `export/` (`model` is then shrunk in place); `notes` (how the run went off its schedule) on the last epoch's
-        metrics rows."""
+        `export/`; `notes` (how the run went off its schedule) on the last epoch's metrics rows. Each folder gets
+        its model card."""
         if not self.writes:
             return
         if notes:
             self._record_warnings(notes)
+        rows = [r for r in self.rows() if r.get("stage") == self.rows()[-1].get("stage")] if self.rows() else []
         tmp = self.folder / "model.tmp"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_card(tmp, self.cfg, rows)
         publish_dir(tmp, self.folder / "model")
         crash_point("model_published")
         if unit_masks is None:
             save_sparse(model, self.folder / "sparse.tmp", tokenizer=tokenizer)
+            write_card(self.folder / "sparse.tmp", self.cfg, rows, kind="sparse")
             publish_dir(self.folder / "sparse.tmp", self.last)
         else:
             save_tensors_atomic(unit_masks, self.folder / "masks.safetensors")
-            export_pruned(model, unit_masks["head_mask"], unit_masks["ffn_mask"], self.last, tokenizer=tokenizer)
+            export_pruned(model, unit_masks["head_mask"], unit_masks["ffn_mask"], self.last, tokenizer=tokenizer,
+                          card=(self.cfg, rows))
         self.drop_checkpoints()
 
     def _record_warnings(self, notes: list[str]) -> None:

@@ -105,7 +105,7 @@ def test_without_teacher_path_a_teacher_is_fine_tuned_once_and_cached(tiny_model
     assert "fine-tuning a teacher" in capsys.readouterr().out
     (teacher,) = [p for p in (tmp_path / "teachers").iterdir() if not p.name.startswith(".")]  # .<name>.lock
     assert (teacher / "model" / "config.json").exists()
-    assert sorted(p.name for p in teacher.iterdir()) == ["metrics.json", "model"]  # its checkpoints deleted
+    assert sorted(p.name for p in teacher.iterdir()) == ["metrics.json", "model", "trainer_log.jsonl"]  # no checkpoint
     run(composed(overrides), tmp_path / "b")
     assert "fine-tuning a teacher" not in capsys.readouterr().out
 
@@ -131,15 +131,33 @@ def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_mode
     from cap.export import load_pruned, main
     from cap.pruning import StructuredMasks
 
-    run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "prune.sequence=[0.5]")), tmp_path)
+    import yaml
+    from omegaconf import OmegaConf
+
+    cfg = composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "prune.sequence=[0.5]"))
+    rows = run(cfg, tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as `python -m cap` leaves it
     stage = tmp_path / "stages" / "0.5"
     masked = AutoModelForSequenceClassification.from_pretrained(stage / "model").eval()
     StructuredMasks(**load_file(str(stage / "masks.safetensors"))).apply(masked)
-    small = load_pruned(main([str(tmp_path), "--stage", "0.5"]))
+    out = main([str(tmp_path), "--stage", "0.5", "--onnx", "--quantize", "int8"])
+    small = load_pruned(out)
     ids = torch.randint(1000, 2000, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (small(input_ids=ids).logits - masked(input_ids=ids).logits).abs().max() <= 1e-4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())
+    assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file()
+
+    # model cards: the stage's model (and so the run's final model/) and the export
+    for folder, loads in ((tmp_path / "model", "from_pretrained("), (out, "trust_remote_code=True")):
+        card = (folder / "README.md").read_text()
+        front = yaml.safe_load(card.split("---")[1])
+        assert front["pipeline_tag"] == "text-classification" and front["datasets"] == ["glue"]
+        (result,) = front["model-index"][0]["results"]
+        assert result["metrics"] == [{"type": "accuracy", "value": round(rows[0]["accuracy"], 6)}]
+        assert f"`sparsity_heads`: {rows[0]['sparsity_heads']}" in card and loads in card
+    assert "onnxruntime.InferenceSession" in (out / "README.md").read_text()
 
 
 def test_settings_can_be_chosen_on_a_split_carved_from_the_training_set(tiny_model_dir, tmp_path):

@@ -162,7 +162,7 @@ def test_export_equals_the_masked_model(criterion, level, tmp_path):
     export_pruned(model, units["head_mask"], units["ffn_mask"], tmp_path)
     loaded = load_pruned(tmp_path)
     assert sum(p.numel() for p in loaded.parameters()) < before
-    assert loaded.config.cap_pruned_heads == units["head_mask"].sum(1).int().tolist()
+    assert loaded.config.heads_per_layer == units["head_mask"].sum(1).int().tolist()
     with torch.no_grad():
         assert (loaded(input_ids=ids, attention_mask=torch.ones_like(ids)).logits - expected).abs().max() <= 1e-4
 

@@ -221,7 +221,7 @@ def test_a_killed_export_leaves_no_half_written_folder(cap_f_reference, tmp_path
     assert not out.exists()
     monkeypatch.undo()
     main([str(cap_f_reference), "--stage", "0.5", "--out", str(out)])
-    assert sum(load_pruned(out).config.cap_pruned_heads) == 4  # of 8: stage 0.5
+    assert sum(load_pruned(out).config.heads_per_layer) == 4  # of 8: stage 0.5
     assert not list(tmp_path.glob(".export*"))
 
 

@@ -46,7 +46,7 @@ def test_cap_f_on_squad_and_its_export(tiny_model_dir, squad_teacher_dir, tmp_pa
     check_rows(rows, tmp_path / "stages" / "0.5")  # CAP-f keeps each stage's answers
     assert [r["sparsity"] for r in rows] == [0.25, 0.5]
     model = load_pruned(export_main([str(tmp_path), "--stage", "0.5"]))
-    assert type(model).__name__ == "BertForQuestionAnswering"
+    assert type(model).__name__ == "PrunedBertForQuestionAnswering"
     ids = torch.randint(5, 1000, (2, 16))
     assert model(input_ids=ids).start_logits.shape == (2, 16)
 

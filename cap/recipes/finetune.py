@@ -12,6 +12,7 @@ from cap import tracking
 from cap.distributed import barrier, broadcast, job_lock, this_process
 from cap.evaluation import evaluate_task
 from cap.io import publish_dir, read_json, write_json_atomic
+from cap.model_card import write_card
 from cap.precision import resolve_config
 from cap.recipes import summary
 from cap.recipes.common import loss_weights, metric_rows, prepare, training_arguments
@@ -44,6 +45,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     tmp = run_dir / "model.tmp"
     trainer.save_model(str(tmp))  # the main process writes (the Trainer's rule, as ours)
     if stage.writes:
+        write_card(tmp, cfg, rows)
         write_json_atomic(run_dir / "metrics.json", rows)  # a resumed run rewrites its single final row
         tracking.log_summary({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})
         (tmp / DONE).touch()

@@ -1,0 +1,1 @@
+"""What an exported model carries so that it loads without `cap`: `modeling_pruned_bert.py`."""
