@@ -2,6 +2,7 @@
 loading it, and what its weights say was pruned."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ KINDS = {  # kind -> what it is, as the error for a folder of no kind lists them
     "cap_f_stage": "a CAP-f stage (stages/<sparsity>/: model/ + masks.safetensors)",
     "export": "a structured export (export/<sparsity>/, cap_export.json)",
     "sparse": "a compact sparse checkpoint (sparse/, sparse.safetensors)",
+    "onnx": "an ONNX file of an export (export/<sparsity>/model.onnx, model.int8.onnx)",
     "run": "a run dir (model/, stages/, metrics.json)",
 }
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -73,6 +75,11 @@ def find_artifact(path, stage: str | None = None) -> Artifact:
     """The artifact at `path`, its kind told by its files; a run dir gives its `stage` (a CAP-f stage's sparsity) or
     its final model. UserError, in one line, for anything else."""
     path = Path(path)
+    if path.is_file() and path.suffix == ".onnx":
+        if kind_of(path.parent) != "export" or stage is not None:
+            raise UserError(f"{path}: score an ONNX file inside an export folder (python -m cap.export ... --onnx), "
+                            "without --stage")
+        return Artifact(path, "onnx", path.parent, run_config(path.parent))
     if not path.is_dir():
         raise UserError(f"{path}: {'not a folder' if path.exists() else 'no such folder'}; {_expected()}")
     kind, note = kind_of(path), ""
@@ -147,6 +154,8 @@ def load_model(artifact: Artifact):
         from cap.export import load_pruned
 
         return load_pruned(artifact.path)
+    if artifact.kind == "onnx":
+        return OnnxModel(artifact.path)
     if artifact.kind == "sparse":
         from cap.sparse import load_sparse
 
@@ -163,6 +172,47 @@ def load_model(artifact: Artifact):
     return model.eval()
 
 
+@functools.cache
+def _onnx_model_class():
+    """The class, made on first use: this module imports neither torch nor transformers before a model is loaded."""
+    import torch
+    from transformers.modeling_outputs import QuestionAnsweringModelOutput, SequenceClassifierOutput
+
+    class OnnxModel(torch.nn.Module):
+        """An export's ONNX file run by ONNX Runtime (CPU) behind a model's forward, so that the Trainer's prediction
+        loop scores it as any model; `source` is the export it was made from (what its sparsity is measured on)."""
+
+        def __init__(self, path: Path):
+            import onnxruntime
+
+            from cap.export import load_pruned
+
+            super().__init__()
+            self.source = load_pruned(path.parent)
+            self.config = self.source.config
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.inputs = [i.name for i in self.session.get_inputs()]
+            self.outputs = [o.name for o in self.session.get_outputs()]
+            self.register_buffer("anchor", torch.zeros(0), persistent=False)  # a device for the Trainer to read
+
+        def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, start_positions=None,
+                    end_positions=None, **kwargs):  # the label names tell the Trainer what to return as labels
+            given = {"input_ids": input_ids,
+                     "attention_mask": torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+                     "token_type_ids": torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids}
+            got = self.session.run(self.outputs, {k: v.cpu().numpy() for k, v in given.items() if k in self.inputs})
+            out = {name: torch.from_numpy(value).to(input_ids.device) for name, value in zip(self.outputs, got)}
+            if "logits" in out:
+                return SequenceClassifierOutput(logits=out["logits"])
+            return QuestionAnsweringModelOutput(start_logits=out["start_logits"], end_logits=out["end_logits"])
+
+    return OnnxModel
+
+
+def OnnxModel(path: Path):  # noqa: N802  (an instance of the class above)
+    return _onnx_model_class()(Path(path))
+
+
 def measure(model) -> dict[str, float | int]:
     """What the weights say was pruned, against the dense model of the same config, in training's terms:
     `sparsity_heads` / `sparsity_ffn_neurons` (units removed, or zeroed as CAP-f folds them: a head's value rows and
@@ -172,6 +222,7 @@ def measure(model) -> dict[str, float | int]:
     a model without BERT-style layers."""
     import torch
 
+    model = getattr(model, "source", model)  # an ONNX file: the export it was made from
     params = list(model.parameters())
     counts = {"parameters": sum(p.numel() for p in params),
               "nonzero_parameters": sum(int(torch.count_nonzero(p)) for p in params)}

@@ -2,10 +2,11 @@
 
     python -m cap.evaluate <path> [key=value ...] [--stage S] [--predict] [--out DIR] [--tokenizer T]
 
-<path>: a Hugging Face checkpoint, a CAP-f stage (stages/<s>/), an export (export/<s>/), a compact sparse checkpoint
-(sparse/) or a run dir (its final model, or --stage). The overrides are training's: `task=`, `data.eval_split=`,
+<path>: a Hugging Face checkpoint, a CAP-f stage (stages/<s>/), an export (export/<s>/), an export's ONNX file
+(export/<s>/model.onnx, model.int8.onnx: run by ONNX Runtime), a compact sparse checkpoint (sparse/) or a run dir (its
+final model, or --stage). The overrides are training's: `task=`, `data.eval_split=`,
 `data.max_eval_samples=`, ... default to the run's config when <path> is a run or inside one, so the same subsample is
-scored. Rows go to <out>/metrics.json (default <path>/eval/); --predict also writes <out>/predictions/<split>/: the
+scored. Rows go to <out>/metrics.json (default <path>/eval/, for an ONNX file eval-<name>/ beside it); --predict also writes <out>/predictions/<split>/: the
 GLUE server's <TASK>.tsv, or SQuAD's predictions.json ({id: answer}).
 """
 from __future__ import annotations
@@ -196,7 +197,8 @@ def evaluate(path, overrides=(), *, stage: str | None = None, out=None, predict:
     data = load_eval_data(cfg, tok)
     model = load_model(artifact)
     measured = measure(model)
-    out = Path(out) if out else Path(path) / "eval"
+    given = Path(path)
+    out = Path(out) if out else given / "eval" if given.is_dir() else given.parent / f"eval-{given.stem}"
     run = OmegaConf.load(artifact.run_config) if artifact.run_config else None
     fields = {"artifact": str(artifact.path), "kind": artifact.kind, "task": spec.name,
               **({"method": run.method.name} if run is not None and OmegaConf.select(run, "method.name") else {})}

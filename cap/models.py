@@ -145,6 +145,8 @@ def _new_head(model, info) -> list[str] | None:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    import cap.hub  # noqa: F401  an export's config type, known to AutoTokenizer without trust_remote_code
+
     path = resolve_model_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path)

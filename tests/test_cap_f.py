@@ -159,6 +159,15 @@ def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_mode
         assert f"`sparsity_heads`: {rows[0]['sparsity_heads']}" in card and loads in card
     assert "onnxruntime.InferenceSession" in (out / "README.md").read_text()
 
+    # each deploy format scored on the dev set: ONNX fp32 predicts what the PyTorch export does
+    from cap.evaluate import evaluate
+
+    scored = {name: evaluate(out / name if name else out)[0] for name in ("", "model.onnx", "model.int8.onnx")}
+    assert scored["model.onnx"]["accuracy"] == scored[""]["accuracy"] == rows[0]["accuracy"]
+    assert scored["model.onnx"]["kind"] == "onnx" and 0 <= scored["model.int8.onnx"]["accuracy"] <= 1
+    assert scored["model.onnx"]["sparsity_heads"] == scored[""]["sparsity_heads"] == 0.5
+    assert (out / "eval-model.int8" / "metrics.json").is_file()
+
 
 def test_settings_can_be_chosen_on_a_split_carved_from_the_training_set(tiny_model_dir, tmp_path):
     """data.validation_from_train + data.eval_split=trainval: the teacher (fine-tuned here) and the pruned model are
