@@ -173,6 +173,7 @@ class WandbLogger:
     entity: Optional[str] = doc("the W&B team or user; null: your default entity")
     group: Optional[str] = doc("null: in a multirun, the sweep dir's name (one group per sweep); else no group")
     tags: List[str] = doc("kept beside the tags computed from the config (cap/tracking.py run_tags)")
+    log_model: bool = doc("log the run's final model (and its export or sparse checkpoint) as W&B artifacts")
 
 
 @dataclass

@@ -186,6 +186,27 @@ def log_summary(metrics: dict[str, float]) -> None:
         wandb.run.summary.update(metrics)
 
 
+def log_models(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """With `logger.log_model=true`, the run's saved models (`model/`, `export/`, `sparse/`, each with its model card)
+    as W&B artifacts of type `model`; returns their names (none without an active run)."""
+    if cfg.logger.name != "wandb" or not OmegaConf.select(cfg, "logger.log_model", default=False):
+        return []
+    import wandb
+
+    if wandb.run is None:
+        return []
+    names = []
+    for folder in (Path(run_dir) / name for name in ("model", "export", "sparse")):
+        if folder.is_dir():
+            artifact = wandb.Artifact(f"{wandb.run.id}-{folder.name}", type="model", metadata={
+                "task": cfg.task.name, "method": cfg.method.name, "seed": cfg.seed,
+                "sparsity": nominal_sparsity(cfg), "folder": folder.name})
+            artifact.add_dir(str(folder))
+            wandb.log_artifact(artifact)
+            names.append(artifact.name)
+    return names
+
+
 def finish() -> None:
     try:
         import wandb

@@ -78,6 +78,17 @@ def test_wandb_offline_logs_config_terms_and_metrics(data_dir, tiny_model_dir, t
     assert summary["validation/accuracy"] == rows[0]["accuracy"]
 
 
+def test_log_model_logs_the_final_model_as_a_wandb_artifact(data_dir, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(composed(tiny_overrides(tiny_model_dir, "rte") + ["logger=wandb", "logger.log_model=true"]), tmp_path)
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    artifacts = [r.artifact for r in finished_records(run_file) if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.type, a.name.split("-")[-1]) for a in artifacts] == [("model", "model")]
+    files = {entry.path for a in artifacts for entry in a.manifest.contents}
+    assert {"README.md", "config.json", "model.safetensors"} <= files  # the model card travels with it
+
+
 def test_cap_f_stages_share_one_wandb_axis(data_dir, tiny_model_dir, sst2_teacher_dir, tmp_path, monkeypatch):
     """Each CAP-f stage is a Trainer counting updates from 0; W&B plots everything against `train/update`, the
     updates of the whole run, so the stages follow each other and each evaluation sits at its own update."""

@@ -75,6 +75,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     stage.publish_model(again=trained)  # the run's model: the last, most pruned stage
     if not trained:
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
+    tracking.log_models(cfg, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return rows
 

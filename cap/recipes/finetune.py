@@ -52,6 +52,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         publish_dir(tmp, model_dir)
     barrier()  # the others read the model once it is in place
     stage.drop_checkpoints()  # the run is finished once model/DONE is in place
+    tracking.log_models(cfg, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return rows
 

@@ -252,5 +252,6 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     unit_masks = scores.unit_masks() if p.granularity != "element" else None
     scores.fold()
     stage.save_result(model, setup.tokenizer, notes, unit_masks)
+    tracking.log_models(cfg, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return stage.rows()
