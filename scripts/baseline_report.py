@@ -5,8 +5,7 @@
 Phase select (RUNS/select: soft movement over its grid, evaluated on the held-out training rows `trainval` only):
   selection.csv / .md  final-epoch trainval accuracy and final sparsity per setting, per seed and mean ± sample std
   choice.json          the setting the rule picks: among the settings whose final sparsity averages at least 0.89,
-                       the highest trainval accuracy averaged over the seeds; only once every setting has the same
-                       seeds
+                       the highest trainval accuracy averaged over the seeds; only once the whole grid has run
 Phase dev (RUNS/dev: the chosen baseline and CAP-soft, the dev set read once):
   dev.csv / .md        final-epoch dev accuracy and sparsity per arm (per seed, mean ± std) and CAP-soft minus the
                        baseline, paired by seed
@@ -26,6 +25,7 @@ from omegaconf import OmegaConf
 from cap.report import finished_runs
 
 GRID = ("prune.score_lr", "ce.weight", "kd.weight")
+SETTINGS, SEEDS = 4, [1, 2]  # the grid of tune_soft_movement_baseline.sh: 2 score lrs x 2 loss balances, 2 seeds
 MIN_SPARSITY = 0.89
 
 
@@ -80,8 +80,8 @@ def table(records: list[dict], path: Path, title: str) -> list[dict]:
 
 def choose(rows: list[dict]) -> dict | None:
     """The rule: among the settings reaching the target (mean final sparsity >= MIN_SPARSITY), the highest mean
-    trainval accuracy; None until every setting has the same seeds."""
-    if not rows or len({tuple(r["seeds"]) for r in rows}) != 1:
+    trainval accuracy; None until every setting of the grid has run with every seed."""
+    if len(rows) != SETTINGS or any(r["seeds"] != SEEDS for r in rows):
         return None
     eligible = [r for r in rows if r["sparsity_mean"] >= MIN_SPARSITY]
     if not eligible:
