@@ -1,7 +1,6 @@
 """CAP's contrastive term (spec §2) as a pure function, and the banks it reads from (spec §4, Q21)."""
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,12 +142,9 @@ class RepresentationBank:
 
     def save(self, path: Path) -> None:
         """safetensors, written atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
+        from cap.io import save_tensors_atomic
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.cpu() for k, v in self.state_dict().items()}, str(tmp))
-        os.replace(tmp, path)
+        save_tensors_atomic({k: v.cpu() for k, v in self.state_dict().items()}, path)
 
     @classmethod
     def load(cls, path: Path, *, dtype: torch.dtype | None = None,
