@@ -190,7 +190,7 @@ def evaluate(path, overrides=(), *, stage: str | None = None, out=None, predict:
 
     from cap.evaluation import predict_split, score
     from cap.models import load_tokenizer
-    from cap.recipes.common import metric_rows, training_arguments
+    from cap.methods import metric_rows, training_arguments
     from cap.trainer import CAPTrainer, LossWeights
 
     tok = load_tokenizer(tokenizer_source)

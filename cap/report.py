@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from cap.errors import UserError
-from cap.recipes import nominal_sparsity
+from cap.methods import nominal_sparsity
 from cap.tracking import ablation_labels, has_wandb_key
 
 REPO = Path(__file__).resolve().parents[1]

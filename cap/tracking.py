@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from cap.data.tasks import get_task
 from cap.distributed import this_process
-from cap.recipes import nominal_sparsity
+from cap.methods import nominal_sparsity
 
 
 def has_wandb_key() -> bool:

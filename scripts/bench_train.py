@@ -46,7 +46,8 @@ from cap.precision import cpu_bf16, cpu_flags, cpu_name, resolve
 from cap.pruning import StructuredMasks
 from cap.pruning.movement import MovementScores
 from cap.recipes.cap_f import unit_importance
-from cap.recipes.common import prepare, pruning_trainer, training_arguments
+from cap.methods import training_arguments
+from cap.recipes.common import prepare, pruning_trainer
 from cap.teacher import teacher_pass
 from interleaved import interleaved_rounds
 

@@ -6,7 +6,8 @@ import pytest
 
 from helpers import composed, tiny_overrides
 
-from cap.recipes import nominal_sparsity, run, summary
+from cap.methods import nominal_sparsity
+from cap.recipes import run, summary
 
 
 @pytest.mark.parametrize("overrides,expected", [

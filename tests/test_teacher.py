@@ -5,7 +5,8 @@ import torch
 
 from helpers import composed, tiny_overrides
 
-from cap.recipes.common import prepare, pruning_trainer, training_arguments
+from cap.methods import training_arguments
+from cap.recipes.common import prepare, pruning_trainer
 from cap.teacher import LOGITS_FILE, teacher_pass
 
 

@@ -11,13 +11,11 @@ from cap.checks import validate
 from cap.data import get_task
 from cap.distributed import batch_split, describe_batch, join, this_process
 from cap.errors import UserError
+from cap.methods import RECIPES, ROW_FIELDS
 from cap.models import check_prunable, resolve_pooling
 from cap.precision import resolve_config
 
 log = logging.getLogger(__name__)
-RECIPES = {"finetune": "finetune", "cap_f": "cap_f", "cap_m": "movement", "cap_soft": "movement"}
-# metrics.json fields that describe a row rather than measure the model
-ROW_FIELDS = ("stage", "method", "step", "split", "sparsity", "warnings")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
@@ -64,23 +62,6 @@ def record_precision(run_dir: Path, precision: str) -> None:
     if OmegaConf.select(saved, "trainer.precision") not in (None, precision):
         OmegaConf.update(saved, "trainer.precision", precision, merge=False)
         OmegaConf.save(saved, path)
-
-
-def nominal_sparsity(cfg: DictConfig) -> float | None:
-    """The fraction of weights a config aims to prune, or None when it names none: 0 for fine-tuning, CAP-f's last
-    step of `prune.sequence` (its heads and FFN neurons; each stage aims at its own step), CAP-m's 1 - prune.final
-    (the Top-K keep fraction), CAP-soft's prune.target_sparsity (None without one: it lands where λ takes it)."""
-    method = cfg.method.name
-    if method == "finetune":
-        return 0.0
-    if method == "cap_f":
-        return float(cfg.prune.sequence[-1])
-    if method == "cap_m":
-        return round(1 - float(cfg.prune.final), 6)
-    if method == "cap_soft":
-        target = OmegaConf.select(cfg, "prune.target_sparsity")
-        return None if target is None else float(target)
-    return None
 
 
 def summary(run_dir: Path, rows: list[dict], method: str) -> str:

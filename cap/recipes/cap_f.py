@@ -19,9 +19,10 @@ from cap.distributed import this_process
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints, crash_point
+from cap.methods import metric_rows, training_arguments
 from cap.pruning import (Packing, StructuredMasks, compute_importance, mask_shapes, normalize_by_layer, pruning_targets,
                          select_heads, select_neurons)
-from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
+from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
 from cap.stages import StructuredStage
 from cap.teacher import teacher_pass

@@ -1,9 +1,8 @@
-"""What every recipe needs: the task's data, the student and teacher, TrainingArguments, the pruning recipes'
-CAPTrainer, metric rows."""
+"""What every recipe needs: the task's data, the student and teacher, the pruning recipes' CAPTrainer (the
+TrainingArguments and metrics rows every part reads are in `cap.methods`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import transformers
@@ -11,10 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from cap.data import TaskData, get_task, load_task_data
-from cap.distributed import batch_split, main_first, this_process
+from cap.distributed import main_first
 from cap.errors import UserError
 from cap.models import build_model, load_teacher, load_tokenizer
-from cap.precision import resolve_config
 from cap.trainer import CAPTrainer, Contrast, LossWeights
 
 
@@ -77,44 +75,3 @@ def pruning_trainer(cfg: DictConfig, setup: Setup, args: TrainingArguments, bank
                       processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
                       banks=banks, contrast=contrast_settings(cfg), draw_seed=cfg.seed,
                       **kwargs)
-
-
-def training_arguments(cfg: DictConfig, output_dir: Path, report_to: list[str]) -> TrainingArguments:
-    resolve_config(cfg)  # trainer.precision=auto, where no recipe resolved it yet (cap.evaluate)
-    t = cfg.trainer
-    save = {"save_strategy": "epoch"} if t.save_steps is None else {"save_strategy": "steps", "save_steps": t.save_steps}
-    # trainer.batch_size is the global batch: the same updates on any number of processes
-    device_batch, accumulation = batch_split(t.batch_size, t.device_batch_size, this_process().world)
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=device_batch,
-        gradient_accumulation_steps=accumulation,
-        per_device_eval_batch_size=t.eval_batch_size,
-        learning_rate=t.lr,
-        weight_decay=t.weight_decay,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        warmup_steps=t.warmup,
-        max_grad_norm=t.max_grad_norm,
-        adam_epsilon=1e-8,
-        lr_scheduler_type="linear",
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
-        logging_steps=t.logging_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.seed,
-        # CAPTrainer gives the length-grouped sampler its lengths and a seed per epoch (cap.trainer)
-        train_sampling_strategy="group_by_length" if cfg.data.group_by_length else "random",
-        dataloader_num_workers=t.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # also what makes Accelerate set up gloo DDP and CPU bf16
-        remove_unused_columns=False,  # keeps `idx`, which CAP's banks are indexed by
-        report_to=report_to,
-        disable_tqdm=False,
-        **save,
-    )
-
-
-def metric_rows(results: dict[str, dict[str, float]], **fields) -> list[dict]:
-    """One metrics.json row per eval split: the split is always recorded (offline MNLI/QQP use `heldout`)."""
-    return [{**fields, "split": split, **metrics} for split, metrics in results.items()]

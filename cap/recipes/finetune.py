@@ -15,7 +15,8 @@ from cap.io import publish_dir, read_json, write_json_atomic
 from cap.model_card import write_card
 from cap.precision import resolve_config
 from cap.recipes import summary
-from cap.recipes.common import loss_weights, metric_rows, prepare, training_arguments
+from cap.methods import metric_rows, training_arguments
+from cap.recipes.common import loss_weights, prepare
 from cap.stages import Stage
 from cap.trainer import CAPTrainer
 

@@ -24,11 +24,11 @@ from cap.data import get_task, read_glue_split
 from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints
+from cap.methods import metric_rows, nominal_sparsity, training_arguments
 from cap.pruning.granularity import GRANULARITIES
 from cap.pruning.movement import (CRITERIA, MovementScores, SparsityController, lambda_schedule, schedule_phases,
                                   threshold_schedule)
-from cap.recipes import nominal_sparsity
-from cap.recipes.common import metric_rows, prepare, pruning_trainer, training_arguments
+from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
 from cap.stages import MovementStage
 from cap.teacher import teacher_pass
