@@ -24,21 +24,22 @@ import torch
 from torch import nn
 
 from cap.hub.modeling_pruned_bert import (PrunedBertConfig, PrunedBertForQuestionAnswering,
-                                          PrunedBertForSequenceClassification)
+                                          PrunedBertForSequenceClassification, PrunedBertModel)
 from cap.io import crash_point, publish_dir
 from cap.model_card import write_card
 from cap.pruning.structured import encoder_layers
 
 PRUNED_CLASSES = {"ForSequenceClassification": PrunedBertForSequenceClassification,
-                  "ForQuestionAnswering": PrunedBertForQuestionAnswering}
+                  "ForQuestionAnswering": PrunedBertForQuestionAnswering, "Model": PrunedBertModel}
 
 
 def pruned_class(architecture: str):
-    """The PrunedBert class for a stock architecture name (BertForSequenceClassification, ...)."""
+    """The PrunedBert class for a stock architecture name (BertForSequenceClassification, BertModel, ...)."""
     for suffix, cls in PRUNED_CLASSES.items():
         if architecture.endswith(suffix):
             return cls
-    raise ValueError(f"{architecture}: exports are made of sequence-classification and question-answering models")
+    raise ValueError(f"{architecture}: exports are made of BERT encoders, with a sequence-classification or "
+                     "question-answering head or none")
 
 
 def pruned_config(config, heads: list[int], neurons: list[int]) -> PrunedBertConfig:

@@ -19,12 +19,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing cap
 
-import torch  # noqa: E402
+import torch
 
-from cap.io import write_json_atomic  # noqa: E402
-from cap.precision import cpu_name  # noqa: E402
+from cap.io import write_json_atomic
+from cap.precision import cpu_name
 
 DIM, SNAPSHOTS = 768, {"prc": 1, "fic": 1, "snc": 2}
 

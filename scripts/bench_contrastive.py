@@ -11,12 +11,8 @@
 import argparse
 import json
 import platform
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +23,7 @@ from cap.banks import encode_into
 from cap.contrastive import RepresentationBank
 from cap.models import resolve_model_path
 from cap.trainer import CAPTrainer, Contrast, LossWeights
+
 from interleaved import interleaved_ratio
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,20 +9,16 @@ export is timed interleaved with the dense model and the median of the per-round
 """
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cap.export import export_pruned, load_pruned
+from cap.models import resolve_model_path
 
-from transformers import AutoModelForSequenceClassification  # noqa: E402
-
-from cap.export import export_pruned, load_pruned  # noqa: E402
-from cap.models import resolve_model_path  # noqa: E402
-from interleaved import forward_ratio  # noqa: E402
+from interleaved import forward_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, SEQ, ROUNDS = 32, 128, 9

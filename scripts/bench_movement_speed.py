@@ -11,21 +11,17 @@ models are timed interleaved, and the median of the per-round ratios is reported
     python scripts/bench_movement_speed.py   -> results/bench/movement_speed.json
 """
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cap.export import export_pruned, load_pruned
+from cap.models import resolve_model_path
+from cap.pruning.movement import MovementScores
 
-from transformers import AutoModelForSequenceClassification  # noqa: E402
-
-from cap.export import export_pruned, load_pruned  # noqa: E402
-from cap.models import resolve_model_path  # noqa: E402
-from cap.pruning.movement import MovementScores  # noqa: E402
-from interleaved import forward_ratio  # noqa: E402
+from interleaved import forward_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ, THREADS, BATCHES, SPARSITIES, ROUNDS = 128, 2, (1, 32), (0.5, 0.9), 9

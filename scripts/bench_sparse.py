@@ -5,19 +5,15 @@ masks: the file size depends on how many entries are zero, not on which).
     python scripts/bench_sparse.py   -> results/bench/sparse.json
 """
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
-
-from transformers import AutoModelForSequenceClassification  # noqa: E402
-
-from cap.models import resolve_model_path  # noqa: E402
-from cap.pruning.movement import prunable_linears  # noqa: E402
-from cap.sparse import encoder_sparsity, save_sparse  # noqa: E402
+from cap.models import resolve_model_path
+from cap.pruning.movement import prunable_linears
+from cap.sparse import encoder_sparsity, save_sparse
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,13 +24,9 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +37,15 @@ from transformers.trainer_utils import SaveStrategy
 import cap  # noqa: F401  registers the config schema
 from cap.banks import build_banks
 from cap.evaluation import evaluate_task
+from cap.methods import training_arguments
 from cap.models import build_model
 from cap.precision import cpu_bf16, cpu_flags, cpu_name, resolve
 from cap.pruning import StructuredMasks
 from cap.pruning.movement import MovementScores
 from cap.recipes.cap_f import unit_importance
-from cap.methods import training_arguments
 from cap.recipes.common import prepare, pruning_trainer
 from cap.teacher import teacher_pass
+
 from interleaved import interleaved_rounds
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,22 +17,17 @@ removed contributions add up instead of cancelling).
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                          TrainingArguments)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing cap
-
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,  # noqa: E402
-                          Trainer, TrainingArguments)
-
-from cap.data import load_task_data  # noqa: E402
-from cap.evaluation import evaluate_task  # noqa: E402
-from cap.pruning.movement import PRUNED_MODULES, MovementScores, prunable_linears, topk_mask  # noqa: E402
-from cap.sparse import encoder_sparsity  # noqa: E402
-
+from cap.data import load_task_data
+from cap.evaluation import evaluate_task
+from cap.pruning.movement import PRUNED_MODULES, MovementScores, prunable_linears, topk_mask
+from cap.sparse import encoder_sparsity
 
 MOVEMENT_ARGS = ("movement_updates", "score_lr", "lr", "batch_size", "max_train_samples", "seed", "group_keep")
 

@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from anywhere without installing cap
 
-from cap.precision import cpu_bf16, cpu_name, resolve  # noqa: E402
+from cap.precision import cpu_bf16, cpu_name, resolve
 
 ARGS = ["experiment=quickstart"]
 PATHS = {"old": ["trainer.precision=fp32", "data.group_by_length=false", "teacher.cache_outputs=false"], "new": []}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 
 from torch import nn
-from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
+from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertModel
 
 
 class PrunedBertConfig(BertConfig):
@@ -62,6 +62,14 @@ def build_pruned_layers(model: nn.Module, heads_per_layer: list[int], ffn_neuron
         layer.output.dense = _resize(layer.output.dense, in_features=neurons)
 
 
+class PrunedBertModel(BertModel):
+    config_class = PrunedBertConfig
+
+    def __init__(self, config: PrunedBertConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        build_pruned_layers(self, config.heads_per_layer, config.ffn_neurons_per_layer)
+
+
 class PrunedBertForSequenceClassification(BertForSequenceClassification):
     config_class = PrunedBertConfig
 
@@ -79,7 +87,8 @@ class PrunedBertForQuestionAnswering(BertForQuestionAnswering):
 
 
 PrunedBertConfig.register_for_auto_class()
+PrunedBertModel.register_for_auto_class("AutoModel")
 PrunedBertForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 PrunedBertForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
-__all__ = ["PrunedBertConfig", "PrunedBertForSequenceClassification", "PrunedBertForQuestionAnswering", "NoHeads",
-           "build_pruned_layers"]
+__all__ = ["PrunedBertConfig", "PrunedBertModel", "PrunedBertForSequenceClassification", "PrunedBertForQuestionAnswering",
+           "NoHeads", "build_pruned_layers"]
