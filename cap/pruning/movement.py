@@ -20,7 +20,15 @@ PRUNED_MODULES = ("attention.self.query", "attention.self.key", "attention.self.
 SOFT_FLOOR = 0.005  # CAP-soft keeps at least 0.5 % of every matrix (spec Q17)
 
 
-class _TopK(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
+    """A binarizer's backward: the mask's gradient passes to the scores unchanged (straight-through estimator)."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _TopK(_StraightThrough):
     """1 for the k largest scores; straight-through backward."""
 
     @staticmethod
@@ -30,12 +38,8 @@ class _TopK(torch.autograd.Function):
             mask.view(-1)[torch.topk(scores.flatten(), k, sorted=False).indices] = 1
         return mask
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
-
-class _Threshold(torch.autograd.Function):
+class _Threshold(_StraightThrough):
     """1 where sigmoid(S) > τ; at least int(0.005·numel)+1 entries (the largest scores); straight-through."""
 
     @staticmethod
@@ -45,10 +49,6 @@ class _Threshold(torch.autograd.Function):
         if mask.sum() < floor:
             mask.zero_().view(-1)[torch.topk(scores.flatten(), floor, sorted=False).indices] = 1
         return mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 def topk_mask(scores: Tensor, keep_fraction: float) -> Tensor:
