@@ -17,11 +17,7 @@
 #        [--phase select|dev|both (default both)] [--report-only]
 set -euo pipefail
 STUDY=minilm-sst2-select
-phase=both args=()
-while (($#)); do
-    if [[ "$1" == --phase ]]; then phase=$2; shift 2; else args+=("$1"); shift; fi
-done
-source "$(dirname "$0")/study.sh" "${args[@]}"
+source "$(dirname "$0")/study.sh" "$@"
 run() {
     (cd "$work" && python -m cap -m experiment=minilm/sst2_reproduction prune.retrain_epochs=2 \
         data.max_train_samples=1000 hydra.sweep.dir="$work/sweeps/$1" "${@:2}")

@@ -17,11 +17,7 @@
 #        [--phase select|dev|both (default both)] [--report-only]
 set -euo pipefail
 STUDY=minilm-sst2-soft-baseline
-phase=both args=()
-while (($#)); do
-    if [[ "$1" == --phase ]]; then phase=$2; shift 2; else args+=("$1"); shift; fi
-done
-source "$(dirname "$0")/study.sh" "${args[@]}"
+source "$(dirname "$0")/study.sh" "$@"
 run() {
     (cd "$work" && python -m cap -m experiment=minilm/sst2_cap_soft data.seed=42 teacher.seed=42 \
         trainer.precision=auto data.group_by_length=false trainer.logging_steps=10 \
