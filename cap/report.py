@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cap.errors import UserError
 from cap.methods import nominal_sparsity
+from cap.studies import figure, fmt, markdown_table, mean_std
 from cap.tracking import ablation_labels, has_wandb_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,10 +170,10 @@ def summarize(records: list[dict]) -> list[dict]:
         groups.setdefault(tuple(r[k] for k in GROUP), []).append(r)
     rows = []
     for key, group in groups.items():
-        values = [100 * r["value"] for r in group]
-        rows.append({**dict(zip(GROUP, key)), "n": len(values), "seeds": sorted(r["seed"] for r in group),
+        mean, std = mean_std(100 * r["value"] for r in group)
+        rows.append({**dict(zip(GROUP, key)), "n": len(group), "seeds": sorted(r["seed"] for r in group),
                      "sparsity_measured": statistics.mean(r["sparsity_measured"] for r in group),
-                     "mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else None})
+                     "mean": mean, "std": std})
     return sorted(rows, key=_order)
 
 
@@ -257,14 +258,12 @@ def to_markdown(rows: list[dict], paper: dict) -> str:
     sources = paper["sources"]
     header = ["task", "method", "ablation", "sparsity", "measured", "split", "metric", "model", "settings", "n",
               "ours (%)", "paper (%)", "delta", "source", "kind"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        ours = _num(r["mean"]) + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
-        cells = [r["task"], r["method"], r["ablation"], f"{r['sparsity']:g}", _num(r["sparsity_measured"], ".3f"),
-                 r["split"], r["metric"], r["model"], r["settings"], r["n"], ours, _num(r["paper"], ".1f"),
-                 _num(r["delta"], "+.2f"),
-                 f"[{r['source']}]({sources[r['source']]['url']})" if r["source"] else "", r["source_kind"] or ""]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines = markdown_table(header, ([
+        r["task"], r["method"], r["ablation"], f"{r['sparsity']:g}", _num(r["sparsity_measured"], ".3f"),
+        r["split"], r["metric"], r["model"], r["settings"], r["n"],
+        "" if r["mean"] is None else fmt(r["mean"], r["std"]), _num(r["paper"], ".1f"), _num(r["delta"], "+.2f"),
+        f"[{r['source']}]({sources[r['source']]['url']})" if r["source"] else "", r["source_kind"] or ""]
+        for r in rows))
     notes = ["", ("ours: mean ± sample std over seeds (n runs), percent; delta = ours - paper, in points; sparsity: "
                   "the run's target (measured: the recorded level); settings: the config keys that set a row's runs "
                   "apart from other runs of the same method (empty: none; runs are averaged only when their configs "
@@ -297,15 +296,11 @@ def write_csv(rows: list[dict], path: Path, sources: dict) -> None:
 def plot(rows: list[dict], task: str, path: Path) -> Path:
     """Metric vs sparsity for `task`, one panel per (paper split, metric): ours as lines with std error bars, one colour
     per (method, ablation, settings) and one line style per model, the paper's cells as stars."""
-    from matplotlib.figure import (
-        Figure,  # a bare Figure renders PNG with Agg and leaves pyplot's backend alone
-    )
-
     rows = [{**r, "panel": (comparable_split(task, r["split"]), r["metric"])} for r in rows if r["task"] == task]
     panels = sorted({r["panel"] for r in rows})
     series = sorted({(r["method"], r["ablation"], r["settings"]) for r in rows}, key=lambda s: (*_series(*s[:2]), s[2]))
     models = sorted({r["model"] for r in rows if r["n"]})
-    fig = Figure(figsize=(5 * len(panels), 4))
+    fig = figure(5 * len(panels), 4)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         starred = set()
         for i, (method, abl, settings) in enumerate(series):

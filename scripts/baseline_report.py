@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cap.report import finished_runs
+from cap.studies import figure, fmt_values, markdown_table, paired
 
 GRID = ("prune.score_lr", "ce.weight", "kd.weight")
 SETTINGS, SEEDS = 4, [1, 2]  # the grid of tune_soft_movement_baseline.sh: 2 score lrs x 2 loss balances, 2 seeds
@@ -49,10 +50,6 @@ def runs(root: Path) -> list[dict]:
     return out
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-
 def table(records: list[dict], path: Path, title: str) -> list[dict]:
     """Per arm: accuracy and sparsity per seed and mean ± std, written as CSV and markdown; returns the rows."""
     arms = sorted({r["arm"] for r in records})
@@ -61,7 +58,7 @@ def table(records: list[dict], path: Path, title: str) -> list[dict]:
         mine = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
         rows.append({"arm": arm, "seeds": [r["seed"] for r in mine], "accuracy": [round(r["accuracy"], 2) for r in mine],
                      "sparsity": [round(r["sparsity"], 4) for r in mine],
-                     "accuracy_mean_std": mean_std([r["accuracy"] for r in mine]),
+                     "accuracy_mean_std": fmt_values(r["accuracy"] for r in mine),
                      "sparsity_mean": round(statistics.mean(r["sparsity"] for r in mine), 4),
                      "overrides": mine[0]["overrides"]})
     with path.with_suffix(".csv").open("w", newline="") as file:
@@ -70,10 +67,9 @@ def table(records: list[dict], path: Path, title: str) -> list[dict]:
         for row in rows:
             writer.writerow([row["arm"], row["seeds"], row["accuracy"], row["accuracy_mean_std"], row["sparsity"],
                              row["sparsity_mean"]])
-    lines = [f"# {title}", "", "| arm | seeds | accuracy (%) per seed | mean ± std | final sparsity (mean) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['seeds']} | {r['accuracy']} | {r['accuracy_mean_std']} | {r['sparsity_mean']} |"
-              for r in rows]
+    lines = [f"# {title}", ""] + markdown_table(
+        ["arm", "seeds", "accuracy (%) per seed", "mean ± std", "final sparsity (mean)"],
+        ([r["arm"], r["seeds"], r["accuracy"], r["accuracy_mean_std"], r["sparsity_mean"]] for r in rows))
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return rows
 
@@ -92,15 +88,13 @@ def choose(rows: list[dict]) -> dict | None:
             "rule": f"mean final sparsity >= {MIN_SPARSITY}, then the highest mean final-epoch trainval accuracy"}
 
 
-def paired(records: list[dict]) -> str | None:
+def cap_minus_baseline(records: list[dict]) -> str | None:
     """CAP-soft minus the baseline, paired by seed, mean ± std (None without both arms)."""
-    cap = {r["seed"]: r["accuracy"] for r in records if r["arm"] == "CAP-soft"}
-    base = {r["seed"]: r["accuracy"] for r in records if r["arm"] != "CAP-soft"}
-    seeds = sorted(cap.keys() & base.keys())
+    seeds, diffs = paired({r["seed"]: r["accuracy"] for r in records if r["arm"] == "CAP-soft"},
+                          {r["seed"]: r["accuracy"] for r in records if r["arm"] != "CAP-soft"})
     if not seeds:
         return None
-    diffs = [cap[s] - base[s] for s in seeds]
-    return f"CAP-soft minus the baseline, paired by seed {seeds}: {mean_std(diffs)} points ({[round(d, 2) for d in diffs]})"
+    return f"CAP-soft minus the baseline, paired by seed {seeds}: {fmt_values(diffs)} points ({[round(d, 2) for d in diffs]})"
 
 
 CURVES = [("prune_lambda", "λ"), ("prune_level", "threshold τ"), ("sparsity_entries", "sparsity"), ("loss_ce", "CE"),
@@ -108,15 +102,11 @@ CURVES = [("prune_lambda", "λ"), ("prune_level", "threshold τ"), ("sparsity_en
 
 
 def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     seed1 = [r for r in records if r["seed"] == 1 and r["log"]]
     if not seed1:
         return
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    fig = figure(18, 7)
+    axes = fig.subplots(2, 4)
     for ax, (key, title) in zip(axes.flat, CURVES + [("accuracy", "dev accuracy (%) per epoch")]):
         for r in seed1:
             if key == "accuracy":
@@ -151,7 +141,7 @@ def main() -> None:
     dev = runs(a.runs / "dev")
     if dev:
         table(dev, a.out / "dev", "Phase dev: CAP-soft and the chosen baseline on the dev set (final epoch)")
-        if line := paired(dev):
+        if line := cap_minus_baseline(dev):
             with (a.out / "dev.md").open("a") as file:
                 file.write(f"\n{line}\n")
             print(line)

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cap.report import MOVEMENT, ablation, finished_runs
+from cap.studies import figure
 
 
 def curves(roots, split: str = "validation", metric: str = "accuracy") -> list[dict]:
@@ -33,10 +34,8 @@ def curves(roots, split: str = "validation", metric: str = "accuracy") -> list[d
 
 
 def plot(runs: list[dict], path: Path, metric: str = "accuracy") -> Path:
-    from matplotlib.figure import Figure
-
     labels = list(dict.fromkeys(c["series"] for c in runs))
-    fig = Figure(figsize=(10, 4))
+    fig = figure(10, 4)
     acc, spars = fig.subplots(1, 2)
     for c in runs:
         style = {"color": f"C{labels.index(c['series'])}", "marker": "o", "markersize": 3,

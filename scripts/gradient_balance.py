@@ -21,6 +21,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from cap.studies import markdown_table
+
 KEYS = ("grad_norm_task", "grad_norm_contrast", "grad_cosine")
 
 
@@ -74,11 +76,11 @@ def main(argv=None) -> Path:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| pooling | stage | logged points | contrast / task, first | mean | cosine, first | mean | dev acc. |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['pooling']} | {r['stage']:g} | {r['points']} | {r['ratio_first']:.2f} | {r['ratio_mean']:.2f} | "
-              f"{r['cosine_first']:+.3f} | {r['cosine_mean']:+.3f} | "
-              f"{'' if r['accuracy'] is None else format(100 * r['accuracy'], '.1f')} |" for r in rows]
+    lines = markdown_table(
+        ["pooling", "stage", "logged points", "contrast / task, first", "mean", "cosine, first", "mean", "dev acc."],
+        ([r["pooling"], f"{r['stage']:g}", r["points"], f"{r['ratio_first']:.2f}", f"{r['ratio_mean']:.2f}",
+          f"{r['cosine_first']:+.3f}", f"{r['cosine_mean']:+.3f}",
+          "" if r["accuracy"] is None else format(100 * r["accuracy"], ".1f")] for r in rows))
     notes = ["", "contrast / task: grad_norm_contrast / grad_norm_task w.r.t. the encoder's parameters, at the first "
              "logging step of the stage and averaged over the stage; cosine: between the two gradients."]
     return "\n".join(lines + notes) + "\n"

@@ -15,10 +15,10 @@ import argparse
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 
 from cap.report import collect_runs
+from cap.studies import figure, fmt, markdown_table, mean_std
 
 COLUMNS = ("train_samples", "updates_per_step", "sparsity", "seed", "cap_f", "baseline", "gap")
 
@@ -50,33 +50,28 @@ def summary(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["train_samples"], r["updates_per_step"], r["sparsity"]), []).append(r)
     out = []
     for (size, updates, sparsity), group in sorted(groups.items()):
-        def stats(key):
-            values = [r[key] for r in group]
-            return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
         out.append({"train_samples": size, "updates_per_step": updates, "sparsity": sparsity, "n": len(group),
-                    **{f"{k}_{s}": v for k in ("cap_f", "baseline", "gap") for s, v in zip(("mean", "std"), stats(k))}})
+                    **{f"{k}_{s}": v for k in ("cap_f", "baseline", "gap")
+                       for s, v in zip(("mean", "std"), mean_std(r[k] for r in group))}})
     return out
 
 
 def to_markdown(rows: list[dict]) -> str:
     def cell(r, key, sign=""):
-        mean, std = r[f"{key}_mean"], r[f"{key}_std"]
-        return f"{mean:{sign}.2f}" + ("" if std is None else f" ± {std:.2f}")
+        return fmt(r[f"{key}_mean"], r[f"{key}_std"], sign)
 
-    lines = ["| train sentences | updates per step | sparsity | n | CAP-f (%) | baseline (%) | gap (points) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['train_samples']} | {r['updates_per_step']} | {r['sparsity']:g} | {r['n']} | "
-                     f"{cell(r, 'cap_f')} | {cell(r, 'baseline')} | {cell(r, 'gap', '+')} |")
+    lines = markdown_table(["train sentences", "updates per step", "sparsity", "n", "CAP-f (%)", "baseline (%)",
+                            "gap (points)"],
+                           ([r["train_samples"], r["updates_per_step"], f"{r['sparsity']:g}", r["n"], cell(r, "cap_f"),
+                             cell(r, "baseline"), cell(r, "gap", "+")] for r in rows))
     return "\n".join(lines + ["", "SST-2 dev accuracy; gap = CAP-f - baseline (no contrastive terms, same schedule), "
                               "mean ± sample std over seeds (n)."]) + "\n"
 
 
 def plot(per_seed: list[dict], rows: list[dict], path: Path) -> None:
-    from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    fig = Figure(figsize=(6, 4))
+    fig = figure(6, 4)
     ax = fig.subplots()
     for i, sparsity in enumerate(sorted({r["sparsity"] for r in rows})):
         mine = [r for r in rows if r["sparsity"] == sparsity]

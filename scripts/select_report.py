@@ -23,6 +23,7 @@ import statistics
 from pathlib import Path
 
 from cap.report import collect_runs
+from cap.studies import figure, fmt, markdown_table, mean_std, paired
 
 BASELINE = "baseline"
 DEV_SIZE = 1000  # the training-set size of phase 2 (the scale study's smallest)
@@ -48,21 +49,11 @@ def accuracies(records: list[dict], split: str, size: int | None = None) -> dict
     return cells
 
 
-def mean_std(values) -> tuple[float, float | None]:
-    values = list(values)
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def fmt(mean: float, std: float | None, sign: str = "") -> str:
-    return f"{mean:{sign}.2f}" + ("" if std is None else f" ± {std:.2f}")
-
-
 def table(cells: dict[tuple, dict[int, float]]) -> list[dict]:
     """One row per (setting, sparsity): mean ± std over seeds and, beside the baseline, the gap paired by seed."""
     rows = []
     for (name, sparsity), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
-        base = cells.get((BASELINE, sparsity), {})
-        gaps = [v - base[s] for s, v in by_seed.items() if s in base]
+        _, gaps = paired(by_seed, cells.get((BASELINE, sparsity), {}))
         mean, std = mean_std(by_seed.values())
         gap_mean, gap_std = mean_std(gaps) if gaps and name != BASELINE else (None, None)
         rows.append({"setting": name, "sparsity": sparsity, "n": len(by_seed), "seeds": sorted(by_seed),
@@ -91,10 +82,9 @@ def choose(cells: dict[tuple, dict[int, float]]) -> dict | None:
 
 
 def to_markdown(rows: list[dict], split: str, note: str) -> str:
-    lines = ["| setting | sparsity | n | accuracy (%) | minus baseline (points) |", "|---|---|---|---|---|"]
-    for r in rows:
-        gap = "" if r["gap_mean"] is None else fmt(r["gap_mean"], r["gap_std"], "+")
-        lines.append(f"| {r['setting']} | {r['sparsity']:g} | {r['n']} | {fmt(r['mean'], r['std'])} | {gap} |")
+    lines = markdown_table(["setting", "sparsity", "n", "accuracy (%)", "minus baseline (points)"], (
+        [r["setting"], f"{r['sparsity']:g}", r["n"], fmt(r["mean"], r["std"]),
+         "" if r["gap_mean"] is None else fmt(r["gap_mean"], r["gap_std"], "+")] for r in rows))
     return "\n".join(lines + ["", f"SST-2 {split} accuracy, mean ± sample std over seeds (n); minus baseline: "
                               f"paired by seed. {note}"]) + "\n"
 
@@ -108,10 +98,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def plot(panels: list[tuple[str, list[dict]]], path: Path) -> None:
     """One panel per phase, accuracy vs sparsity; a setting has one colour in every panel, one legend below."""
-    from matplotlib.figure import Figure
-
     names = sorted({r["setting"] for _, rows in panels for r in rows}, key=lambda n: (n != BASELINE, n))
-    fig = Figure(figsize=(5 * len(panels), 4.6))
+    fig = figure(5 * len(panels), 4.6)
     handles = {}
     for ax, (title, rows) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for name in dict.fromkeys(r["setting"] for r in rows):
