@@ -61,6 +61,7 @@ def _encode_worker(rank, world, model_dir, tokenizer_dir, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_build_the_same_bank_as_one(tiny_model_dir, tokenizer, tmp_path):
     import socket
 

@@ -66,6 +66,7 @@ def check_folded_stage(stage):
         assert (folded(input_ids=ids).logits - masked(input_ids=ids).logits).abs().max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_cap_f_resumes_a_killed_stage(tiny_model_dir, sst2_teacher_dir, tmp_path):
     full = run(composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir)), tmp_path / "full")
     run_dir = tmp_path / "killed"
@@ -125,6 +126,7 @@ def test_keep_checkpoints_keeps_them_and_a_finished_run_says_so(tiny_model_dir, 
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_model_dir, sst2_teacher_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -169,6 +171,7 @@ def test_a_cap_f_stage_exports_to_a_smaller_model_with_the_same_logits(tiny_mode
     assert (out / "eval-model.int8" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_settings_can_be_chosen_on_a_split_carved_from_the_training_set(tiny_model_dir, tmp_path):
     """data.validation_from_train + data.eval_split=trainval: the teacher (fine-tuned here) and the pruned model are
     evaluated on held-out training rows only."""

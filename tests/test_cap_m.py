@@ -63,6 +63,7 @@ def test_cap_soft_target_controller_logs_and_checkpoints_its_state(tiny_model_di
     assert logged and any(e["prune_lambda"] > 0 for e in logged) and "sparsity_entries" in logged[-1]
 
 
+@pytest.mark.slow
 def test_movement_resumes_with_the_same_masks(tiny_model_dir, sst2_teacher_dir, tmp_path):
     import shutil
 

@@ -28,6 +28,7 @@ def cli(*args, timeout=300, **kwargs):
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+@pytest.mark.slow
 def test_help_lists_the_config_groups():
     out = cli("--help")
     assert out.returncode == 0, out.stderr
@@ -43,6 +44,7 @@ def test_every_task_composes(task):
     assert cfg.task.name == task and cfg.method.name == "finetune"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_finetune_every_task_on_a_slice(task, data_dir, tiny_model_dir, tmp_path):
     rows = run(composed(tiny_overrides(tiny_model_dir, task)), tmp_path)
@@ -66,6 +68,7 @@ def test_unknown_task_is_a_one_line_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_bad_input_errors_leave_no_run_dir(data_dir, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     out = cli("task=mnli", f"model.name_or_path={tiny_model_dir}", f"hydra.run.dir={run_dir}")
@@ -76,6 +79,7 @@ def test_bad_input_errors_leave_no_run_dir(data_dir, tiny_model_dir, tmp_path):
     assert out.returncode == 2 and "model.name_or_path" in out.stderr and not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_refused_run_leaves_no_empty_folders_behind(data_dir, tmp_path):
     """runs/<task>/<method>/ made for the refused run go with it (cwd: an empty folder)."""
     out = cli("method=cap_m", "trainer.epochs=2", f"data.dir={data_dir}", cwd=tmp_path)  # the paper's W: no fit
@@ -88,6 +92,7 @@ def test_missing_data_dir_split_and_kd_without_teacher(data_dir, tiny_model_dir,
         run(composed(tiny_overrides(tiny_model_dir, "rte") + ["kd.weight=0.5"]), tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(data_dir, tiny_model_dir, tmp_path):
     """SIGKILL a run once it has written a checkpoint; started again, it resumes from there and finishes."""
     run_dir = tmp_path / "run"

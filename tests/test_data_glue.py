@@ -342,6 +342,7 @@ def test_subsample_is_seeded_ordered_and_renumbered(data_dir):
     assert subsample(ds, None, 0) is ds and subsample(ds, len(ds), 0) is ds and subsample(ds, 10**9, 0) is ds
 
 
+@pytest.mark.slow
 def test_validation_from_train_is_a_seeded_disjoint_split_the_training_set_never_sees(data_dir, tokenizer):
     from cap.data.common import carve
 

@@ -1,7 +1,7 @@
 """Scaling out on CPU: the paper presets on two processes (torchrun, gloo) run end to end like one process with the
 same global batch; bf16 autocast keeps ids integer, banks float16 and losses float32.
 
-A 2-process run is `torchrun --nproc_per_node 2 scripts/distributed_check.py OUT <overrides>`: the script runs
+A 2-process run is `torchrun --nproc_per_node 2 tests/helpers/distributed_check.py OUT <overrides>`: the script runs
 `python -m cap` in each process and saves what that rank held. The reference runs the same script in one process
 with the same global batch of 8 made of two accumulated micro-batches of 4 (`trainer.device_batch_size=4`): the same
 micro-batches, so the same in-batch contrastive candidates and the same extra draws (each micro-batch draws what the
@@ -33,7 +33,7 @@ from cap.recipes import run
 from cap.trainer import CAPTrainer
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "distributed_check.py"
+SCRIPT = REPO / "tests" / "helpers" / "distributed_check.py"
 needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 NOT_DATA_PARALLEL = ("an update of 2 x 4 examples should be half an epoch of the 16: the Trainer trained each process "
@@ -68,7 +68,7 @@ def paper_overrides(method, model_dir, data_dir, teachers, *extra):
 
 def launch(n_processes: int, out: Path, run_dir: Path, args: list[str], env: dict | None = None,
            check: bool = True) -> list[dict]:
-    """Run scripts/distributed_check.py in `n_processes` processes; what each rank recorded, by rank."""
+    """Run tests/helpers/distributed_check.py in `n_processes` processes; what each rank recorded, by rank."""
     launcher = [] if n_processes == 1 else ["-m", "torch.distributed.run", "--standalone",
                                             f"--nproc_per_node={n_processes}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -147,6 +147,7 @@ def cap_f_runs(dropout_free_model_dir, data_dir, tmp_path_factory):
     return tmp, one, two
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_cap_f_preset_on_two_processes_prunes_like_one(cap_f_runs):
     tmp, one, (rank0, rank1) = cap_f_runs
@@ -175,6 +176,7 @@ def test_cap_f_preset_on_two_processes_prunes_like_one(cap_f_runs):
     check_files(tmp / "one", tmp / "two", rank1)
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_cap_m_preset_on_two_processes_prunes_like_one(dropout_free_model_dir, data_dir, tmp_path):
     (one,) = launch(1, tmp_path / "out1", tmp_path / "one", paper_overrides(
@@ -200,6 +202,7 @@ def test_cap_m_preset_on_two_processes_prunes_like_one(dropout_free_model_dir, d
     check_files(tmp_path / "one", tmp_path / "two", rank1)
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_a_killed_rank_and_a_relaunch_resume_the_run(cap_f_runs, dropout_free_model_dir, data_dir):
     """SIGKILL of rank 1 right after the first checkpoint of the first CAP-f stage (the launcher then stops rank 0);
@@ -256,6 +259,7 @@ def test_a_killed_lock_holder_does_not_block(tmp_path):
     assert time.monotonic() - start < 2
 
 
+@pytest.mark.slow
 @needs_gloo
 def test_two_jobs_needing_one_teacher_fine_tune_it_once(tiny_model_dir, data_dir, tmp_path):
     """Two runs started together that need the same (missing) teacher: one fine-tunes it, the other reuses it."""

@@ -79,6 +79,7 @@ def test_a_checkpoint_without_a_run_config_scores_what_training_reported(sst2_te
     assert json.loads((tmp_path / "metrics.json").read_text()) == [row]
 
 
+@pytest.mark.slow
 def test_a_run_dir_scores_with_its_config_and_writes_predictions_json(squad_teacher_run):
     (row,) = evaluate(squad_teacher_run, ["trainer.eval_batch_size=4"], predict=True)  # default out: <path>/eval
     trained = trained_row(squad_teacher_run)
@@ -90,6 +91,7 @@ def test_a_run_dir_scores_with_its_config_and_writes_predictions_json(squad_teac
     assert json.loads((out / "metrics.json").read_text())[0]["artifact"] == str(squad_teacher_run / "model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, stage, sparsity, kind", [
     ("", None, 0.5, "checkpoint"),          # a run dir: its final model, the last stage's
     ("", "0.25", 0.25, "cap_f_stage"),      # a run dir and --stage
@@ -112,6 +114,7 @@ def test_cap_f_artifacts_score_what_their_stage_reported(cap_f_run, where, stage
     assert row["parameters"] < dense if kind == "export" else row["parameters"] == dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, kind", [("sparse", "sparse"), ("model", "checkpoint")])
 def test_movement_artifacts_score_what_the_last_epoch_reported(cap_m_run, where, kind, tmp_path):
     (row,) = evaluate(cap_m_run / where, out=tmp_path, predict=True)

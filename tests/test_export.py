@@ -68,6 +68,7 @@ print(json.dumps(torch.cat([v.flatten() for k, v in out.items() if k.endswith("l
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
 def test_an_export_loads_with_stock_transformers_where_cap_is_not_installed(cls, tmp_path):
     import json
@@ -119,6 +120,7 @@ def test_a_folded_model_exports_to_the_same_weights(tmp_path):
     assert all(torch.equal(t, expected[k]) for k, t in load_pruned(tmp_path / "folded").state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForQuestionAnswering])
 def test_onnx_and_int8_exports_agree_with_pytorch(cls, tmp_path):
     """model.onnx (dynamic batch and length; a layer without heads and one without FFN neurons) runs in ONNX Runtime

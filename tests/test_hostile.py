@@ -301,6 +301,7 @@ def cli(*args):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["label-outside-set", "cap_m-distilbert"])
 def test_cli_prints_one_error_line_and_leaves_no_run_dir(good_files, models, tmp_path, case):
     if case == "label-outside-set":

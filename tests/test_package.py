@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tomllib
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _name(requirement: str) -> str:

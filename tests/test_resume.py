@@ -112,6 +112,7 @@ def cap_m_reference(tmp_path_factory, cap_m_args):
     return run_dir
 
 
+@pytest.mark.slow
 def test_cap_f_killed_at_every_phase_ends_as_an_uninterrupted_run(cap_f_args, cap_f_reference, tmp_path):
     run_dir = tmp_path / "run"
     s0, s1 = run_dir / "stages" / "0.25", run_dir / "stages" / "0.5"
@@ -141,6 +142,7 @@ def test_cap_f_killed_at_every_phase_ends_as_an_uninterrupted_run(cap_f_args, ca
     assert not list(run_dir.glob("stages/*/*checkpoints*"))
 
 
+@pytest.mark.slow
 def test_cap_m_killed_at_every_phase_ends_as_an_uninterrupted_run(cap_m_args, cap_m_reference, tmp_path):
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"

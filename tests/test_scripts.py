@@ -22,6 +22,7 @@ def script_module(name):
     return script
 
 
+@pytest.mark.slow
 def test_oneshot_masks_zero_what_they_say(sst2_teacher_dir, data_dir, tmp_path):
     script = script_module("oneshot_masks")
     out = tmp_path / "oneshot.json"

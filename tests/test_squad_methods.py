@@ -40,6 +40,7 @@ def test_method_settings_for_squad():
     assert composed(["task=sst2", "method=cap_f"]).contrast.temperature == 0.1
 
 
+@pytest.mark.slow
 def test_cap_f_on_squad_and_its_export(tiny_model_dir, squad_teacher_dir, tmp_path):
     rows = run(composed(squad_overrides(tiny_model_dir, squad_teacher_dir, "cap_f", "prune.sequence=[0.25,0.5]")),
                tmp_path)
@@ -51,6 +52,7 @@ def test_cap_f_on_squad_and_its_export(tiny_model_dir, squad_teacher_dir, tmp_pa
     assert model(input_ids=ids).start_logits.shape == (2, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [("cap_m", ["prune.final=0.5"]),
                                           ("cap_soft", ["prune.final_lambda=50", "prune.score_lr=0.5"])])
 def test_movement_on_squad_and_its_sparse_export(tiny_model_dir, squad_teacher_dir, tmp_path, method, extra):

@@ -39,6 +39,7 @@ def squad_teacher_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["sst2", "squad"])
 def test_the_cached_teacher_gives_the_kd_loss_of_running_it(task, tiny_model_dir, sst2_teacher_dir,
                                                            squad_teacher_dir, data_dir, tmp_path):

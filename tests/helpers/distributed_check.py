@@ -1,7 +1,7 @@
 """Run `python -m cap` and record what this process holds, to compare the ranks of a launch with a 1-process run.
 
-    torchrun --nproc_per_node 2 scripts/distributed_check.py OUT task=sst2 method=cap_f ...   # OUT/rank0.pt, rank1.pt
-    python scripts/distributed_check.py OUT task=sst2 method=cap_f ...                      # the reference, rank0.pt
+    torchrun --nproc_per_node 2 tests/helpers/distributed_check.py OUT task=sst2 method=cap_f ...   # OUT/rank0.pt, rank1.pt
+    python tests/helpers/distributed_check.py OUT task=sst2 method=cap_f ...                      # the reference, rank0.pt
 
 Every rank saves OUT/rank<r>.pt: `snapshots`, each encoded bank snapshot [N, H] (float32, before bank storage) in
 encoding order; `selections`, each CAP-f choice {head_mask [L, A], ffn_mask [L, F]}; `movement_masks`, CAP-m's

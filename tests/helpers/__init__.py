@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 
 import cap  # noqa: F401  registers the config schema (cap/config.py), which conf/config.yaml starts from
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # offline, MNLI and QQP have only a held-out split (see ../shared/data/README.md)
 OFFLINE_EVAL = {"mnli": "heldout", "qqp": "heldout"}
 
