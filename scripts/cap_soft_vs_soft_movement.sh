@@ -15,6 +15,6 @@ if ! $report_only; then
     (cd "$work" && python -m cap -m experiment=minilm/sst2_cap_soft data.seed=42 teacher.seed=42 seed=1,2,3 \
         contrast.enabled=true,false hydra.sweep.dir="$work/sweeps")
 fi
-"$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
+collect "$work/sweeps" "$out/runs"
 cd "$repo"
 python -m cap.report "$out/runs" --out "$out"

@@ -5,6 +5,10 @@
 # Usage: scripts/collect_finished_runs.sh SWEEP_DIR OUT_DIR
 set -euo pipefail
 sweep=$1 out=$2
+if [[ ! -d "$sweep" ]]; then
+    echo "error: $sweep: no such sweep dir (nothing collected, $out left as it was)" >&2
+    exit 1
+fi
 rm -rf "$out"
 (cd "$sweep" && find . -name metrics.json -printf '%h\n') | sort | while read -r dir; do
     [[ -d "$sweep/$dir/model" ]] || continue

@@ -17,6 +17,6 @@ if ! $report_only; then
     run cap_m
     run movement contrast.enabled=false prune.criterion=topk,magnitude
 fi
-"$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
+collect "$work/sweeps" "$out/runs"
 cd "$repo"
 python -m cap.report "$out/runs" --out "$out"

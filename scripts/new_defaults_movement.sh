@@ -24,4 +24,4 @@ if ! $report_only; then
     cap_soft cap_soft_seed1_random_batches seed=1 data.group_by_length=false
     cap_soft cap_soft_seed1_fp32 seed=1 trainer.precision=fp32
 fi
-"$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
+collect "$work/sweeps" "$out/runs"

@@ -23,7 +23,7 @@ if ! $report_only; then
     run seeds23-8k data.max_train_samples=8000 seed=2,3 contrast.enabled=true,false
     run seed1-16k data.max_train_samples=16000 seed=1 contrast.enabled=true,false
 fi
-"$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
+collect "$work/sweeps" "$out/runs"
 cd "$repo"
 python -m cap.report "$out/runs" --out "$out/report"
 python scripts/scale_report.py "$out/runs" --out "$out"

@@ -61,6 +61,6 @@ if ! $report_only; then
             contrast.enabled=true,false hydra.sweep.dir="$work/sweeps/full")
     fi
 fi
-"$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
+collect "$work/sweeps" "$out/runs"
 cd "$repo"
 python -m cap.report "$out/runs" --out "$out/report"

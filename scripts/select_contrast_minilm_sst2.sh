@@ -30,7 +30,7 @@ if ! $report_only && [[ $phase != dev ]]; then
     done
 fi
 report() {
-    "$repo/scripts/collect_finished_runs.sh" "$work/sweeps" "$out/runs"
+    collect "$work/sweeps" "$out/runs"
     (cd "$repo" && python scripts/select_report.py "$out/runs" --scale results/minilm-sst2-scale/runs --out "$out")
 }
 report

@@ -13,3 +13,12 @@ done
 mkdir -p "$work" && work=$(cd "$work" && pwd)
 export CAP_DATA_DIR="${CAP_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
 out=$repo/results/$STUDY
+# collect SWEEP OUT: the finished runs under a sweep dir into the committed OUT (collect_finished_runs.sh); without the
+# sweep dir (a fresh clone, --report-only) OUT stays as committed and the report reads it
+collect() {
+    if [[ -d $1 ]]; then
+        "$repo/scripts/collect_finished_runs.sh" "$@"
+    else
+        echo "note: no $1 here: the report reads the committed $2" >&2
+    fi
+}

@@ -32,13 +32,13 @@ if ! $report_only && [[ $phase != dev ]]; then
         done
     done
 fi
-"$repo/scripts/collect_finished_runs.sh" "$work/sweeps/select" "$out/runs/select"
+collect "$work/sweeps/select" "$out/runs/select"
 python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"
 if ! $report_only && [[ $phase != select ]]; then
     choice=$(python -c "import json, sys; print(' '.join(json.load(open(sys.argv[1]))['overrides']))" "$out/choice.json")
     # shellcheck disable=SC2086
     run dev seed=1,2,3 contrast.enabled=false $choice
     run dev seed=1,2,3 contrast.enabled=true
-    "$repo/scripts/collect_finished_runs.sh" "$work/sweeps/dev" "$out/runs/dev"
+    collect "$work/sweeps/dev" "$out/runs/dev"
     python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"
 fi

@@ -256,3 +256,19 @@ def test_interleaved_timing_cancels_a_load_change_between_rounds(monkeypatch):
     # a measurement repeats the call until the baseline has taken about min_seconds (a: 2 s a call)
     calls = interleaved.interleaved_ratio(thing("a", 2.0), thing("b", 1.0), rounds=1, min_seconds=4.0)
     assert calls["calls_per_round"] == 2
+
+
+def test_collecting_runs_never_empties_the_committed_ones_when_the_sweep_is_missing(tmp_path):
+    import subprocess
+
+    committed = tmp_path / "runs" / "a" / "metrics.json"
+    committed.parent.mkdir(parents=True)
+    committed.write_text("[]")
+    direct = subprocess.run([str(REPO / "scripts" / "collect_finished_runs.sh"), str(tmp_path / "missing"),
+                             str(tmp_path / "runs")], capture_output=True, text=True)
+    assert direct.returncode != 0 and "no such sweep dir" in direct.stderr
+    # a study script's `collect` (study.sh) on a fresh clone: a note, and the report reads the committed runs
+    study = subprocess.run(["bash", "-c", f'STUDY=x; source {REPO / "scripts" / "study.sh"} {tmp_path / "work"}; '
+                            f'collect {tmp_path / "missing"} {tmp_path / "runs"}'], capture_output=True, text=True)
+    assert study.returncode == 0 and "the report reads the committed" in study.stderr
+    assert committed.read_text() == "[]"
