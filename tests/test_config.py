@@ -176,7 +176,10 @@ def test_every_preset_composes_under_the_schema(name):
 @pytest.mark.parametrize("task", ["sst2", "mnli", "stsb", "squad"])
 @pytest.mark.parametrize("logger", ["none", "wandb"])
 def test_every_method_task_and_logger_composes_under_the_schema(method, task, logger):
-    cfg = composed([f"method={method}", f"task={task}", f"logger={logger}"])
+    # the bare movement methods keep QQP's W (11,000 updates), which the smaller tasks' runs cannot fit: validate
+    # refuses that (tests/test_movement.py), so W is given as a fraction here
+    fit = ["trainer.warmup=0.1"] if method in ("cap_m", "cap_soft") else []
+    cfg = composed([f"method={method}", f"task={task}", f"logger={logger}", *fit])
     validate(cfg)
     assert OmegaConf.get_type(cfg.prune) is PRUNE_SCHEMA[method]
     assert cfg.logger.name == logger

@@ -170,7 +170,7 @@ def test_export_equals_the_masked_model(criterion, level, tmp_path):
 @pytest.mark.parametrize("prune", [{"granularity": "blocks", "criterion": "topk"},
                                    {"granularity": "structured", "criterion": "magnitude"}])
 def test_unknown_granularities_and_structured_magnitude_are_refused(prune):
-    from cap.recipes.movement import check_levels
+    from cap.checks import check_levels
 
     p = OmegaConf.create({"initial": 1.0, "final": 0.1, "target_sparsity": None, **prune})
     with pytest.raises(UserError, match="prune.granularity="):

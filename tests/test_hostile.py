@@ -20,9 +20,7 @@ from helpers import REPO, composed, tiny_overrides
 from cap.checks import validate
 from cap.errors import UserError
 from cap.recipes import run
-from cap.recipes.cap_f import check_sequence
 from cap.recipes.common import prepare
-from cap.recipes.movement import check_levels
 from cap.trainer import CAPTrainer
 
 TASKS = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "squad"]
@@ -117,6 +115,8 @@ def overrides(models, task, root, tmp_path, method="finetune", model="bert", tea
            f"data.cache_dir={tmp_path / 'cache'}", f"teacher.cache_dir={tmp_path / 'teachers'}"]
     if method != "finetune" and teacher:
         out.append(f"teacher.path={models[teacher]}")
+    if method in ("cap_m", "cap_soft"):  # a schedule that fits 2 updates: what is refused is refused for itself
+        out += ["trainer.warmup=1", "prune.initial_warmup=0", "prune.final_warmup=0"]
     return [*out, *extra]
 
 
@@ -240,14 +240,13 @@ def test_models_that_do_not_fit_are_refused(good_files, models, tmp_path, method
 def test_shipped_configs_pass_every_check():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         choices = [[f"task={task}"] for task in TASKS] + [["experiment=quickstart"]]
-        choices += [[f"task={task}", f"method={method}"] for task in ("sst2", "squad") for method in METHODS[1:]]
+        # the bare movement methods keep QQP's W (11,000 updates), which SST-2's run cannot fit: refused before
+        # anything runs (tests/test_movement.py); the presets set theirs
+        choices += [[f"task={task}", f"method={method}", *(["trainer.warmup=0.1"] if method != "cap_f" else [])]
+                    for task in ("sst2", "squad") for method in METHODS[1:]]
         configs = [compose("config", overrides) for overrides in choices]
     for cfg in configs:
-        validate(cfg)
-        if cfg.method.name == "cap_f":
-            check_sequence(cfg.prune.sequence)
-        elif cfg.method.name != "finetune":
-            check_levels(cfg.prune)
+        validate(cfg)  # the methods' own keys included (cap.checks)
 
 
 # ------------------------------------------------------------------------------- long texts load, truncated

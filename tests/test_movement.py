@@ -119,7 +119,7 @@ def schedule_cfg(warmup, epochs=2, max_steps=-1, initial_warmup=2, final_warmup=
 
 
 def test_a_schedule_that_never_prunes_is_refused_with_its_numbers():
-    from cap.recipes.movement import check_schedule
+    from cap.checks import check_schedule
 
     # `method=cap_m trainer.epochs=2` on SST-2: 2 x 2105 updates, the paper's W = 11000 for QQP
     with pytest.raises(UserError) as err:
@@ -134,7 +134,7 @@ def test_a_schedule_that_never_prunes_is_refused_with_its_numbers():
 
 
 def test_a_schedule_without_a_ramp_is_refused_and_a_short_ramp_warned():
-    from cap.recipes.movement import check_schedule
+    from cap.checks import check_schedule
 
     # 100 updates, W = 30: 61 dense, the last 89 final -> the level jumps at update 61
     with pytest.raises(UserError, match=r"none of the run's 100 updates .* jump to the final one at update 61"):
@@ -150,7 +150,7 @@ def test_every_movement_preset_fits_its_run():
     from helpers import REPO, composed
 
     from cap.distributed import batch_split
-    from cap.recipes.movement import check_schedule, planned_updates
+    from cap.checks import check_schedule, planned_updates
 
     # training features of the paper's data (hub QQP and MNLI; SQuAD windows at 384/128) or the preset's subset
     sizes = {"qqp": 363846, "mnli": 392702, "squad": 88524}

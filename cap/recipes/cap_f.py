@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 from cap import tracking
 from cap.banks import build_banks, encode_settings, encode_snapshot
 from cap.distributed import this_process
-from cap.errors import UserError
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints, crash_point
 from cap.methods import metric_rows, training_arguments
@@ -28,18 +27,8 @@ from cap.stages import StructuredStage
 from cap.teacher import teacher_pass
 
 
-def check_sequence(sequence) -> list[float]:
-    seq = [float(p) for p in sequence]
-    if not seq or any(not 0 < p < 1 for p in seq) or any(b <= a for a, b in zip(seq, seq[1:])):
-        raise UserError(f"prune.sequence={seq}: use increasing sparsities strictly between 0 and 1, "
-                        "e.g. prune.sequence=[0.1,0.2,0.3]")
-    return seq
-
-
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    sequence = check_sequence(cfg.prune.sequence)
-    if not 0 < cfg.prune.importance_fraction <= 1:
-        raise UserError(f"prune.importance_fraction={cfg.prune.importance_fraction}: use a value in (0, 1]")
+    sequence = [float(p) for p in cfg.prune.sequence]  # checked before (cap.checks.validate)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data, encoding = setup.model, setup.data, encode_settings(cfg)
     n_layers, n_heads, n_neurons = mask_shapes(model)

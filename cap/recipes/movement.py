@@ -6,11 +6,10 @@ epoch 0 the (dense) model is encoded into PrC, at the start of every later epoch
 evaluated at the final level. Epoch checkpoints hold weights, scores, optimizer and schedule position; banks are
 saved beside them, so a killed run resumes (what is saved, and how it is resumed: `cap.stages.MovementStage`).
 
-A schedule that cannot prune within the run's updates is refused before anything is trained (`check_schedule`); a
-run that ends far from the sparsity its config aims at says so, in the log and on its final metrics rows."""
+A schedule that cannot prune within the run's updates is refused before anything is trained
+(`cap.checks.check_schedule`); a run that ends far from the sparsity its config aims at says so, in the log and on its final metrics rows."""
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -20,97 +19,18 @@ from transformers import TrainerCallback
 
 from cap import tracking
 from cap.banks import build_banks, encode_settings, encode_snapshot
-from cap.data import get_task, read_glue_split
-from cap.errors import UserError
+from cap.checks import check_schedule, planned_updates
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints
 from cap.methods import metric_rows, nominal_sparsity, training_arguments
-from cap.pruning.granularity import GRANULARITIES
-from cap.pruning.movement import (CRITERIA, MovementScores, SparsityController, lambda_schedule, schedule_phases,
-                                  threshold_schedule)
+from cap.pruning.movement import MovementScores, SparsityController, lambda_schedule, threshold_schedule
 from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
 from cap.stages import MovementStage
 from cap.teacher import teacher_pass
 
-SHORT_RAMP = 0.1         # a ramp over fewer of the updates is warned about (the paper's QQP schedule ramps over 52 %)
 OFF_NOMINAL = 0.005      # a final sparsity further than this from the nominal one is warned about
 NOTHING_PRUNED = 0.01    # ... and, without a nominal one (CAP-soft without a target), a final sparsity below this
-
-
-def check_levels(p) -> None:
-    if p.criterion in ("topk", "magnitude") and not (0 < p.final <= p.initial <= 1):
-        raise UserError(f"prune.final={p.final}: the Top-K keep fraction must satisfy 0 < final <= initial "
-                        f"({p.initial}) <= 1 (0.1 keeps 10 %, i.e. 90 % sparsity)")
-    if p.criterion == "soft" and not (0 <= p.initial <= p.final < 1):
-        raise UserError(f"prune.final={p.final}: the soft threshold must satisfy 0 <= initial <= final < 1")
-    if p.criterion not in CRITERIA:
-        raise UserError(f"prune.criterion={p.criterion}: use topk (CAP-m), soft (CAP-soft) or magnitude (Top-K of |W|)")
-    if p.target_sparsity is not None and (p.criterion != "soft" or not 0 < p.target_sparsity < 1):
-        raise UserError("prune.target_sparsity needs prune.criterion=soft (CAP-soft) and a value in (0, 1)")
-    if p.granularity not in GRANULARITIES or (p.granularity != "element" and p.criterion == "magnitude"):
-        raise UserError(f"prune.granularity={p.granularity}: use element (one score per weight) or structured (one "
-                        "per attention head and FFN neuron; with prune.criterion=topk or soft)")
-
-
-def planned_updates(cfg: DictConfig, n_train: int | None) -> tuple[int, int] | None:
-    """(T, W): the optimizer updates the Trainer runs on `n_train` training features (in updates of the global
-    batch: the same on any number of processes), and the schedule's W (trainer.warmup: a fraction of T when < 1,
-    else a number of updates); None when T depends on an unknown `n_train`."""
-    t = cfg.trainer
-    if t.max_steps > 0:
-        total = t.max_steps
-    elif n_train is None:
-        return None
-    else:
-        total = math.ceil(n_train / t.batch_size) * math.ceil(t.epochs)
-    return total, int(t.warmup * total) if t.warmup < 1 else int(t.warmup)
-
-
-def training_rows(cfg: DictConfig) -> int | None:
-    """The number of training features, counted without tokenising: one per GLUE row; None for SQuAD (its windows
-    are known once tokenised) and for a data.max_train_samples that the data loader refuses with its own message."""
-    spec, n = get_task(cfg.task.name), cfg.data.max_train_samples
-    if spec.is_qa or (n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1)):
-        return None
-    rows = len(read_glue_split(cfg.data.dir, spec.name, cfg.data.train_split, split_option="data.train_split"))
-    return rows if n is None else min(n, rows)
-
-
-def check_schedule(cfg: DictConfig, total_steps: int, warmup_steps: int) -> str | None:
-    """UserError when the cubic schedule cannot prune during the run's `total_steps` updates (it would train dense,
-    then be evaluated and saved at the final level), or when it has no ramp (the level would jump to the final one
-    in one update); a warning, returned, when the ramp is short."""
-    p, t = cfg.prune, cfg.trainer
-    initial, ramp, _ = schedule_phases(total_steps=total_steps, warmup_steps=warmup_steps,
-                                       initial_warmup=p.initial_warmup, final_warmup=p.final_warmup)
-    if ramp >= max(SHORT_RAMP * total_steps, 1):
-        return None
-    W = warmup_steps
-    if t.max_steps > 0:
-        updates, longer = f"{total_steps} updates (trainer.max_steps={t.max_steps})", "trainer.max_steps"
-    else:
-        epochs = f"{t.epochs} epoch{'s' if t.epochs != 1 else ''}"
-        updates, longer = f"{total_steps} updates ({epochs} of {total_steps // math.ceil(t.epochs)})", "trainer.epochs"
-    w = f"W = trainer.warmup·T = {t.warmup}·{total_steps} = {W}" if t.warmup < 1 else f"W = trainer.warmup = {W}"
-    phases = (f"prune.initial_warmup·W = {p.initial_warmup}·{W} = {p.initial_warmup * W:g} updates at the initial "
-              f"level and prune.final_warmup·W = {p.final_warmup}·{W} = {p.final_warmup * W:g} at the final one")
-    fix = f"train longer ({longer})"
-    if p.initial_warmup + p.final_warmup > 0:
-        fraction = float(f"{0.5 / (p.initial_warmup + p.final_warmup):.2g}")  # ramps over about half the run
-        fix = (f"give W as a fraction of the updates (trainer.warmup={fraction}: W={int(fraction * total_steps)}), "
-               f"lower prune.initial_warmup / prune.final_warmup, or {fix}")
-    if initial == total_steps:
-        raise UserError(f"the pruning schedule does not fit the run: {phases}, but the run has only {updates}, so "
-                        f"pruning would never start: the model would train dense, then be evaluated and saved at the "
-                        f"final level ({w}). Fix: {fix}")
-    if ramp == 0:
-        raise UserError(f"the pruning schedule does not fit the run: {phases} leave none of the run's {updates} to "
-                        f"the cubic ramp between them: the level would jump to the final one at update {initial} "
-                        f"({w}). Fix: {fix}")
-    return (f"the pruning schedule ramps from the initial to the final level over only {ramp} of the run's "
-            f"{updates}, {100 * ramp / total_steps:.0f} % of them (the paper's QQP schedule: about half), so pruning "
-            f"is nearly one-shot: {phases} ({w}). To ramp longer: {fix}")
 
 
 def sparsity_warning(cfg: DictConfig, measured: float, controller: SparsityController | None) -> str | None:
@@ -203,20 +123,17 @@ class EpochEvaluation(TrainerCallback):
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
+    """The config was checked before (`cap.checks.validate`: the levels, and the schedule wherever the number of
+    training features is known without tokenising)."""
     p = cfg.prune
-    check_levels(p)
     stage = MovementStage(run_dir, cfg)
     if stage.finished():
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
         return stage.rows()
-    if not cfg.teacher.path:  # a teacher is fine-tuned first: refuse a schedule that cannot fit before that
-        planned = planned_updates(cfg, None) or planned_updates(cfg, training_rows(cfg))
-        if planned:
-            check_schedule(cfg, *planned)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data = setup.model, setup.data
     total_steps, warmup_steps = planned_updates(cfg, len(data.train))
-    short_ramp = check_schedule(cfg, total_steps, warmup_steps)
+    short_ramp = check_schedule(cfg, total_steps, warmup_steps)  # SQuAD's windows are counted only now
     notes = [short_ramp] if short_ramp else []  # also written onto the final metrics rows
     if short_ramp:
         warnings.warn(short_ramp, stacklevel=1)
