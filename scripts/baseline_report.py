@@ -11,6 +11,9 @@ Phase dev (RUNS/dev: the chosen baseline and CAP-soft, the dev set read once):
                        baseline, paired by seed
   curves.png           the logged training curves (trainer_log.jsonl) of the arms side by side, seed 1: λ, the
                        threshold τ, sparsity, CE, KD, the contrastive terms, and dev accuracy per epoch
+Phase mechanism (RUNS/mechanism: CAP-soft without one term or with one bank, and structured soft movement at the
+chosen baseline's settings; dev, once per run):
+  mechanism.md         each arm's dev accuracy (mean ± std) and sparsity, and minus the chosen baseline, paired by seed
 """
 from __future__ import annotations
 
@@ -30,6 +33,20 @@ SETTINGS, SEEDS = 4, [1, 2]  # the grid of tune_soft_movement_baseline.sh: 2 sco
 MIN_SPARSITY = 0.89
 
 
+def arm_of(cfg) -> str:
+    """"CAP-soft", with what a mechanism arm changes in brackets ("CAP-soft (sup_weight=0)", "CAP-soft (PrC only)"),
+    or "soft movement <the grid's values>", "structured soft movement ..." with prune.granularity=structured."""
+    c = cfg.contrast
+    if c.enabled:
+        changes = [f"{key}=0" for key in ("sup_weight", "unsup_weight") if c[key] == 0]
+        banks = [name for name in ("prc", "snc", "fic") if c[name]]
+        if len(banks) < 3:
+            changes.append(" + ".join({"prc": "PrC", "snc": "SnC", "fic": "FiC"}[b] for b in banks) + " only")
+        return "CAP-soft" + (f" ({', '.join(changes)})" if changes else "")
+    label = "soft movement " + " ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in GRID)
+    return ("structured " if cfg.prune.granularity != "element" else "") + label
+
+
 def runs(root: Path) -> list[dict]:
     """One record per finished run under `root`: its arm, seed, final-epoch accuracy (%) and sparsity, its log."""
     out = []
@@ -39,10 +56,8 @@ def runs(root: Path) -> list[dict]:
         cfg = OmegaConf.load(config)
         last = max(r["stage"] for r in rows)
         final = next(r for r in rows if r["stage"] == last)
-        arm = "CAP-soft" if cfg.contrast.enabled else "soft movement " + " ".join(
-            f"{key}={OmegaConf.select(cfg, key)}" for key in GRID)
         log = config.parent / "trainer_log.jsonl"
-        out.append({"arm": arm, "seed": int(cfg.seed), "accuracy": 100 * final["accuracy"],
+        out.append({"arm": arm_of(cfg), "seed": int(cfg.seed), "accuracy": 100 * final["accuracy"],
                     "sparsity": final["sparsity"], "split": final["split"],
                     "overrides": [f"{key}={OmegaConf.select(cfg, key)}" for key in GRID],
                     "epochs": [(r["stage"], 100 * r["accuracy"]) for r in rows],
@@ -146,6 +161,30 @@ def main() -> None:
                 file.write(f"\n{line}\n")
             print(line)
         plot(dev, a.out / "curves.png")
+    mechanism = runs(a.runs / "mechanism")
+    if mechanism and dev:
+        mechanism_table(mechanism, dev, a.out / "mechanism.md")
+
+
+def mechanism_table(mechanism: list[dict], dev: list[dict], path: Path) -> None:
+    """Phase mechanism (dev, read once per run): each arm beside CAP-soft and the chosen baseline of phase dev, and
+    its accuracy minus the baseline's, paired by seed."""
+    base_arm = next(r["arm"] for r in dev if r["arm"] != "CAP-soft")
+    base = {r["seed"]: r["accuracy"] for r in dev if r["arm"] == base_arm}
+    arms = ["CAP-soft"] + sorted({r["arm"] for r in mechanism})
+    rows = []
+    for arm in arms:
+        mine = {r["seed"]: r for r in (dev if arm == "CAP-soft" else mechanism) if r["arm"] == arm}
+        seeds, diffs = paired({s: r["accuracy"] for s, r in mine.items()}, base)
+        rows.append([arm, sorted(mine), fmt_values(r["accuracy"] for r in mine.values()),
+                     round(statistics.mean(r["sparsity"] for r in mine.values()), 4),
+                     f"{fmt_values(diffs, sign='+')} ({seeds})" if diffs else ""])
+    lines = [f"# Phase mechanism: which term, on the dev set (final epoch), against {base_arm}", ""]
+    lines += markdown_table(["arm", "seeds", "accuracy (%) mean ± std", "final sparsity (mean)",
+                             "minus the baseline, paired by seed (points)"], rows)
+    lines += ["", f"The baseline: {fmt_values(base.values())} % over seeds {sorted(base)}."]
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ work=$repo/multiruns/$STUDY report_only=false phase=both
 while (($#)); do
     case "$1" in
         --report-only) report_only=true; shift ;;
-        --phase) phase=$2; shift 2 ;;  # the studies with phases: select | dev | both
+        --phase) phase=$2; shift 2 ;;  # the studies with phases: select | dev | both (| mechanism)
         *) work=$1; shift ;;
     esac
 done

@@ -13,8 +13,11 @@
 # choice.json).
 # Phase dev (the dev set, once): the chosen baseline and CAP-soft (the preset), seeds 1-3, on the 2,000 sentences
 # (no held-out rows). Re-running resumes.
+# Phase mechanism (dev, once per run; only when asked for): CAP-soft without the supervised term, without the
+# unsupervised term, with PrC, SnC or FiC alone, and the chosen baseline with structured scores, seeds 1-3, each
+# against the chosen baseline (mechanism.md).
 # Usage: scripts/tune_soft_movement_baseline.sh [work dir, default multiruns/minilm-sst2-soft-baseline]
-#        [--phase select|dev|both (default both)] [--report-only]
+#        [--phase select|dev|both|mechanism (default both: select, then dev)] [--report-only]
 set -euo pipefail
 STUDY=minilm-sst2-soft-baseline
 source "$(dirname "$0")/study.sh" "$@"
@@ -40,5 +43,21 @@ if ! $report_only && [[ $phase != select ]]; then
     run dev seed=1,2,3 contrast.enabled=false $choice
     run dev seed=1,2,3 contrast.enabled=true
     collect "$work/sweeps/dev" "$out/runs/dev"
+    python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"
+fi
+if [[ $phase == mechanism ]]; then
+    if ! $report_only; then
+        choice=$(python -c "import json, sys; print(' '.join(json.load(open(sys.argv[1]))['overrides']))" "$out/choice.json")
+        # which term: CAP-soft without the supervised or the unsupervised term, with one bank at a time
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.sup_weight=0
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.unsup_weight=0
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.snc=false contrast.fic=false
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.fic=false
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.snc=false
+        # does a collapse belong to element scores: the chosen baseline with one score per head and FFN neuron
+        # shellcheck disable=SC2086
+        run mechanism seed=1,2,3 contrast.enabled=false prune.granularity=structured $choice
+    fi
+    collect "$work/sweeps/mechanism" "$out/runs/mechanism"
     python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"
 fi

@@ -7,15 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import composed, tiny_overrides
+from helpers import cap_f_overrides, composed, tiny_overrides
 
 from cap.errors import UserError
 from cap.recipes import run
-
-
-def cap_f_overrides(model_dir, sst2_teacher_dir, *extra):
-    return [*tiny_overrides(model_dir, "sst2"), "method=cap_f", f"teacher.path={sst2_teacher_dir}",
-            "prune.sequence=[0.25,0.5,0.75]", "contrast.extra_examples=8", *extra]
 
 
 def test_cap_f_three_steps(tiny_model_dir, sst2_teacher_dir, tmp_path):

@@ -5,20 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import composed, tiny_overrides
+from helpers import MOVEMENT_EPOCHS as EPOCHS, composed, movement_overrides
 
 from cap.errors import UserError
 from cap.recipes import run
 from cap.sparse import load_sparse
 
-EPOCHS = 3
-
-
-def movement_overrides(model_dir, sst2_teacher_dir, method="cap_m", *extra):
-    overrides = [*tiny_overrides(model_dir, "sst2"), f"method={method}", f"teacher.path={sst2_teacher_dir}",
-                 "trainer.max_steps=-1", f"trainer.epochs={EPOCHS}", "data.max_train_samples=32",
-                 "trainer.warmup=1", "prune.initial_warmup=1", "prune.final_warmup=1", "contrast.extra_examples=8"]
-    return [*overrides, *extra]
 
 
 def test_cap_m_prunes_to_the_final_keep_fraction(tiny_model_dir, sst2_teacher_dir, tmp_path):

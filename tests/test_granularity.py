@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
-from helpers import composed
+from helpers import REPO, composed, movement_overrides
 
 from cap.errors import UserError
 from cap.export import export_pruned, load_pruned, main
@@ -178,7 +178,6 @@ def test_unknown_granularities_and_structured_magnitude_are_refused(prune):
 
 
 def test_a_structured_run_exports_small_and_resumes_to_the_same_weights(tiny_model_dir, sst2_teacher_dir, tmp_path):
-    from test_cap_m import movement_overrides
 
     overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_m", "prune.final=0.3",
                                    "prune.granularity=structured", "trainer.save_total_limit=null",
@@ -222,7 +221,6 @@ def test_the_speed_bench_times_what_it_says_on_a_tiny_model(monkeypatch):
     same share of the encoder matrices at both granularities, only the structured one holds fewer parameters."""
     import importlib.util
 
-    from helpers import REPO
 
     monkeypatch.syspath_prepend(str(REPO / "scripts"))  # as running the script puts its folder first (interleaved.py)
     spec = importlib.util.spec_from_file_location("bench_movement_speed", REPO / "scripts" / "bench_movement_speed.py")
@@ -245,7 +243,6 @@ def test_the_speed_bench_times_what_it_says_on_a_tiny_model(monkeypatch):
 
 
 def test_a_structured_cap_soft_run_steers_lambda_on_unit_scores(tiny_model_dir, sst2_teacher_dir, tmp_path):
-    from test_cap_m import movement_overrides
 
     overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.granularity=structured",
                                    "prune.target_sparsity=0.6", "prune.final_lambda=1", "prune.score_lr=0.1",

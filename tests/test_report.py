@@ -6,32 +6,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from helpers import composed, tiny_overrides
+from helpers import cap_f_rows, cap_m_rows, composed, fake_run, tiny_overrides
 
 from cap.errors import UserError
 from cap.report import PAPER, ablation, collect_runs, join_paper, load_paper, main, plot, summarize
-
-
-def fake_run(path, task, method, seed, rows, hydra=True, **config):
-    """A run dir as the recipes and Hydra leave it: metrics.json rows and the run's config."""
-    cfg = OmegaConf.merge({"task": {"name": task}, "method": {"name": method}, "seed": seed,
-                           "model": {"name_or_path": "minilm"}}, config)
-    config_path = path / ".hydra" / "config.yaml" if hydra else path / "config.yaml"
-    config_path.parent.mkdir(parents=True)
-    OmegaConf.save(cfg, config_path)
-    (path / "metrics.json").write_text(json.dumps(rows))
-    return path
-
-
-def cap_f_rows(acc50, acc90):
-    return [{"stage": i, "method": "cap_f", "step": 10 * i, "sparsity": s, "split": "validation", "accuracy": a,
-             "sparsity_heads": s} for i, (s, a) in enumerate([(0.5, acc50), (0.9, acc90)], 1)]
-
-
-def cap_m_rows(final_acc, final_f1):
-    rows = [{"stage": epoch, "method": "cap_m", "step": 5 * epoch, "sparsity": 0.9004, "split": "heldout",
-             "accuracy": 0.5, "f1": 0.4, "sparsity_entries": 0.9004} for epoch in (1, 2)]
-    return rows + [{**rows[0], "stage": 3, "accuracy": final_acc, "f1": final_f1}]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from cap.data import load_task_data
 from cap.pruning.movement import PRUNED_MODULES, prunable_linears
 
-from helpers import REPO
+from helpers import REPO, cap_f_overrides, cap_f_rows, cap_m_rows, composed, fake_run
 
 
 def script_module(name):
@@ -75,7 +75,6 @@ def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
 def test_scale_report_pairs_cap_f_with_its_baseline_per_size_sparsity_and_seed(tmp_path):
     import csv
 
-    from test_report import cap_f_rows, fake_run
 
     runs = tmp_path / "runs"
     accuracies = {(1000, 1): (0.70, 0.60, 0.78, 0.74), (1000, 2): (0.72, 0.62, 0.76, 0.70),
@@ -113,10 +112,8 @@ def test_the_committed_scale_study_is_what_its_runs_give(tmp_path):
 
 def test_gradient_balance_reads_every_stage_of_a_cap_f_run(tiny_model_dir, sst2_teacher_dir, tmp_path):
     from omegaconf import OmegaConf
-    from test_cap_f import cap_f_overrides
 
     from cap.recipes import run
-    from helpers import composed
 
     cfg = composed(cap_f_overrides(tiny_model_dir, sst2_teacher_dir, "prune.sequence=[0.25,0.5]",
                                    "trainer.keep_checkpoints=true", "trainer.logging_steps=1"))
@@ -146,7 +143,6 @@ def test_select_report_chooses_on_trainval_and_reads_dev_beside_the_scale_runs(t
     """scripts/select_report.py: phase 1 ranks the CAP-f candidates by trainval accuracy (the baseline is only the
     reference), waits for every candidate's seeds, and phase 2 puts the chosen runs beside the scale study's runs of
     the same size, each minus the baseline paired by seed."""
-    from test_report import cap_f_rows, fake_run
 
     def rows(acc50, acc90, split):
         return [{**r, "split": split} for r in cap_f_rows(acc50, acc90)]
@@ -221,7 +217,6 @@ def test_the_committed_movement_studies_are_what_their_runs_give(study, element_
 def test_epoch_curves_read_every_epoch_of_movement_runs(tmp_path):
     """scripts/epoch_curves.py: one curve per movement run under the given folders (CAP-f runs skipped), every
     epoch, CAP first, structured scores set apart."""
-    from test_report import cap_f_rows, cap_m_rows, fake_run
 
     fake_run(tmp_path / "a" / "base", "sst2", "cap_m", 1, cap_m_rows(0.5, 0.4), contrast={"enabled": False})
     fake_run(tmp_path / "a" / "cap", "sst2", "cap_m", 1, cap_m_rows(0.8, 0.7))
@@ -272,3 +267,71 @@ def test_collecting_runs_never_empties_the_committed_ones_when_the_sweep_is_miss
                             f'collect {tmp_path / "missing"} {tmp_path / "runs"}'], capture_output=True, text=True)
     assert study.returncode == 0 and "the report reads the committed" in study.stderr
     assert committed.read_text() == "[]"
+
+
+def soft_rows(accuracies, sparsity=0.9, split="validation"):
+    """A CAP-soft / soft-movement run's metrics.json: one row per epoch."""
+    return [{"stage": epoch, "method": "cap_soft", "step": 10 * epoch, "sparsity": sparsity, "split": split,
+             "accuracy": a, "sparsity_entries": sparsity} for epoch, a in enumerate(accuracies, 1)]
+
+
+def test_baseline_report_chooses_on_trainval_then_reads_dev_and_the_mechanism_against_the_choice(tmp_path):
+    """scripts/baseline_report.py: the rule (sparsity first, then trainval accuracy over the seeds) waits for the
+    whole grid; dev and mechanism arms are read against the chosen baseline, paired by seed."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    grid = {(0.01, 0.1, 0.9): (0.81, 0.9), (0.1, 0.1, 0.9): (0.85, 0.80),  # the best, but short of 0.89 sparsity
+            (0.01, 1, 0): (0.60, 0.9), (0.1, 1, 0): (0.79, 0.9)}
+    for seed in (1, 2):
+        for (lr, ce, kd), (acc, sparsity) in grid.items():
+            fake_run(runs / f"select/{lr}-{ce}-{seed}", "sst2", "cap_soft", seed,
+                     soft_rows([0.5, acc + seed / 100], sparsity, "trainval"), contrast={"enabled": False},
+                     prune={"score_lr": lr, "granularity": "element"}, ce={"weight": ce}, kd={"weight": kd})
+    import subprocess
+    import sys
+
+    def report():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "baseline_report.py"), str(runs), "--out", str(out)],
+                       check=True, capture_output=True)
+
+    report()
+    choice = json.loads((out / "choice.json").read_text())
+    assert choice["overrides"] == ["prune.score_lr=0.01", "ce.weight=0.1", "kd.weight=0.9"]  # 82.5 at 0.9
+    assert "| soft movement prune.score_lr=0.1 ce.weight=0.1 kd.weight=0.9 | [1, 2] | [86.0, 87.0] | 86.50 ± 0.71 | " \
+           "0.8 |" in (out / "selection.md").read_text()
+
+    base = {"contrast": {"enabled": False}, "prune": {"score_lr": 0.01, "granularity": "element"},
+            "ce": {"weight": 0.1}, "kd": {"weight": 0.9}}
+    cap = {"contrast": {"enabled": True, "sup_weight": 10, "unsup_weight": 0.1, "prc": True, "snc": True, "fic": True},
+           "prune": {"score_lr": 0.1, "granularity": "element"}, "ce": {"weight": 0.1}, "kd": {"weight": 0.9}}
+    for seed, (b, c, no_sup, structured) in {1: (0.80, 0.82, 0.79, 0.70), 2: (0.81, 0.84, 0.80, 0.72)}.items():
+        fake_run(runs / f"dev/base-{seed}", "sst2", "cap_soft", seed, soft_rows([b]), **base)
+        fake_run(runs / f"dev/cap-{seed}", "sst2", "cap_soft", seed, soft_rows([c]), **cap)
+        fake_run(runs / f"mechanism/nosup-{seed}", "sst2", "cap_soft", seed, soft_rows([no_sup]),
+                 **{**cap, "contrast": {**cap["contrast"], "sup_weight": 0}})
+        fake_run(runs / f"mechanism/prc-{seed}", "sst2", "cap_soft", seed, soft_rows([b]),
+                 **{**cap, "contrast": {**cap["contrast"], "snc": False, "fic": False}})
+        fake_run(runs / f"mechanism/structured-{seed}", "sst2", "cap_soft", seed, soft_rows([structured], 0.85),
+                 **{**base, "prune": {"score_lr": 0.01, "granularity": "structured"}})
+    report()
+    assert "CAP-soft minus the baseline, paired by seed [1, 2]: 2.50 ± 0.71 points ([2.0, 3.0])" in \
+        (out / "dev.md").read_text()
+    mechanism = (out / "mechanism.md").read_text()
+    assert "| CAP-soft (sup_weight=0) | [1, 2] | 79.50 ± 0.71 | 0.9 | -1.00 ± 0.00 ([1, 2]) |" in mechanism
+    assert "| CAP-soft (PrC only) | [1, 2] | 80.50 ± 0.71 | 0.9 | +0.00 ± 0.00 ([1, 2]) |" in mechanism
+    assert "| structured soft movement prune.score_lr=0.01 ce.weight=0.1 kd.weight=0.9 | [1, 2] | 71.00 ± 1.41 | " \
+           "0.85 | -9.50 ± 0.71 ([1, 2]) |" in mechanism
+
+
+def test_the_committed_soft_movement_baseline_study_is_what_its_runs_give(tmp_path):
+    """results/minilm-sst2-soft-baseline/ (scripts/tune_soft_movement_baseline.sh): every table the report writes
+    is what scripts/baseline_report.py makes of the committed runs."""
+    import subprocess
+    import sys
+
+    committed = REPO / "results" / "minilm-sst2-soft-baseline"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "baseline_report.py"), str(committed / "runs"), "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    written = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".json"))
+    assert "selection.md" in written
+    for name in written:
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), name
