@@ -9,6 +9,7 @@ import os
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -119,30 +120,51 @@ def encode_snapshot(banks: dict[str, RepresentationBank], index: int, model, dat
     return name
 
 
-def encode_settings(cfg) -> dict:
-    """How the config encodes a bank: the sentence representation, batch size, precision and batch order."""
-    return dict(pooling=cfg.contrast.pooling, batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision,
-                sort_by_length=cfg.data.group_by_length)
-
-
 BANK_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_banks(cfg, data, dim: int, n_snapshots: int) -> dict[str, RepresentationBank]:
-    """The banks enabled by `cfg.contrast` for the training set of `data` (a TaskData), `dim` wide, in the loss order
+@dataclass(frozen=True)
+class BankSettings:
+    """What the config says about the banks, read once (`from_config`, after `auto` pooling and precision are
+    resolved): which banks a run builds, how they are stored, and how a model is encoded into one."""
+
+    enabled: bool            # contrast.enabled: false builds none (the plain pruning baselines)
+    prc: bool
+    snc: bool
+    fic: bool
+    dtype: torch.dtype       # bank.dtype
+    device: str              # bank.device
+    pooling: str             # contrast.pooling: the sentence representation
+    batch_size: int          # trainer.eval_batch_size: encoding batches
+    precision: str           # trainer.precision
+    sort_by_length: bool     # data.group_by_length: encoding batches of similar length
+    snapshot_train_mode: bool  # bank.snapshot_train_mode: movement snapshots encoded with dropout on (spec Q7)
+
+    @classmethod
+    def from_config(cls, cfg) -> BankSettings:
+        c = cfg.contrast
+        return cls(enabled=bool(c.enabled), prc=bool(c.prc), snc=bool(c.snc), fic=bool(c.fic),
+                   dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device, pooling=c.pooling,
+                   batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision,
+                   sort_by_length=bool(cfg.data.group_by_length), snapshot_train_mode=bool(cfg.bank.snapshot_train_mode))
+
+    @property
+    def encoding(self) -> dict:
+        """The keyword arguments of `encode_into` / `encode_snapshot` / `load_or_encode`."""
+        return dict(pooling=self.pooling, batch_size=self.batch_size, precision=self.precision,
+                    sort_by_length=self.sort_by_length)
+
+
+def build_banks(settings: BankSettings, data, dim: int, n_snapshots: int) -> dict[str, RepresentationBank]:
+    """The banks `settings` enable for the training set of `data` (a TaskData), `dim` wide, in the loss order
     PrC, FiC, SnC (spec §2.7); SnC has room for `n_snapshots`. Each holds the training labels, none for QA and
     regression. Empty when `contrast.enabled=false` (the plain pruning baselines)."""
-    from cap.errors import UserError
-
-    c = cfg.contrast
-    if not c.enabled:
+    if not settings.enabled:
         return {}
-    if cfg.bank.dtype not in BANK_DTYPES:
-        raise UserError(f"bank.dtype={cfg.bank.dtype}: use one of {', '.join(BANK_DTYPES)}")
     labels = None if data.spec.is_qa or data.spec.is_regression else torch.tensor(data.train["labels"])
-    sizes = {"prc": int(c.prc), "fic": int(c.fic), "snc": n_snapshots if c.snc else 0}
-    return {name: make_bank(len(data.train), dim, reps, dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device,
-                            labels=labels, name=name) for name, reps in sizes.items() if reps > 0}
+    sizes = {"prc": int(settings.prc), "fic": int(settings.fic), "snc": n_snapshots if settings.snc else 0}
+    return {name: make_bank(len(data.train), dim, reps, dtype=settings.dtype, device=settings.device, labels=labels,
+                            name=name) for name, reps in sizes.items() if reps > 0}
 
 
 def make_bank(n_items: int, dim: int, max_reps: int, *, dtype: torch.dtype, device: str, labels=None,

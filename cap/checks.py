@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cap import cli
+from cap.banks import BANK_DTYPES
 from cap.data import get_task, read_glue_split
 from cap.distributed import batch_split, this_process
 from cap.errors import UserError
@@ -48,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
     if not (math.isfinite(warmup) and warmup >= 0 and (warmup < 1 or warmup == int(warmup))):
         raise UserError(f"trainer.warmup={warmup}: use a fraction of the updates in [0, 1) or a whole number of "
                         "updates")
+    _one_of(cfg, "bank.dtype", BANK_DTYPES)
     _one_of(cfg, "contrast.pooling", (*POOLINGS, "auto"))
     _one_of(cfg, "contrast.normalization", NORMALIZATIONS)
     recipe = RECIPES.get(cfg.method.name)

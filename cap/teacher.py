@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding
 
-from cap.banks import encode_settings, forward_pass, load_banks, load_or_encode, save_banks, sentence_vectors
+from cap.banks import BankSettings, forward_pass, load_banks, load_or_encode, save_banks, sentence_vectors
 from cap.distributed import this_process
 from cap.io import crash_point, file_problem, save_tensors_atomic
 from cap.models import RepresentationTap
@@ -50,7 +50,7 @@ def teacher_pass(cfg, setup, banks: dict, folder: Path, device) -> TeacherOutput
     logits for every training example, in one pass (its files in `folder`, loaded from there by a resumed run).
     With `teacher.cache_outputs=false` the FiC bank is encoded as before and the teacher runs in every update."""
     teacher, train = setup.teacher.to(device), setup.data.train
-    encoding = encode_settings(cfg)
+    encoding = BankSettings.from_config(cfg).encoding
     if not (cfg.teacher.cache_outputs and cfg.kd.weight > 0):
         load_or_encode("fic", banks, folder, teacher, train, setup.collator, **encoding)
         return None

@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
 import cap  # noqa: F401  registers the config schema
-from cap.banks import build_banks
+from cap.banks import BankSettings, build_banks
 from cap.evaluation import evaluate_task
 from cap.methods import training_arguments
 from cap.models import build_model
@@ -123,7 +123,7 @@ class Bench:
         else:
             self.scores = MovementScores.attach(model, self.cfg.prune.criterion, granularity=self.cfg.prune.granularity)
             self.scores.set_level(self.cfg.prune.initial)
-        self.banks = build_banks(self.cfg, data, model.config.hidden_size, 1)  # PrC, FiC and one SnC snapshot
+        self.banks = build_banks(BankSettings.from_config(self.cfg), data, model.config.hidden_size, 1)  # PrC, FiC and one SnC snapshot
         generator = torch.Generator().manual_seed(0)
         for bank in self.banks.values():
             vectors = torch.randn(len(data.train), model.config.hidden_size, generator=generator)

@@ -213,9 +213,9 @@ def train_to_target(target: float, seed: int, updates: int = 200) -> float:
     scores' own group, linear LR warm-up and decay. Returns the sparsity at the final threshold."""
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
     from transformers import get_linear_schedule_with_warmup
 
+    from cap.pruning.movement import PruneSchedule
     from cap.recipes.movement import MovementSchedule
 
     torch.manual_seed(seed)
@@ -223,11 +223,11 @@ def train_to_target(target: float, seed: int, updates: int = 200) -> float:
                                                      num_attention_heads=4, intermediate_size=64,
                                                      max_position_embeddings=16))
     scores = MovementScores.attach(model, "soft")
-    prune = dict(criterion="soft", initial=0.0, final=0.1, initial_warmup=2, final_warmup=3, final_lambda=1.0,
-                 target_sparsity=target)
     warmup = updates // 10
-    schedule = MovementSchedule(OmegaConf.create({"prune": prune}), scores, {}, None, None, None, updates, warmup,
-                                SparsityController(target, 1.0, 0.1, updates))
+    schedule = MovementSchedule(PruneSchedule(criterion="soft", initial=0.0, final=0.1, initial_warmup=2,
+                                              final_warmup=3, final_lambda=1.0, total_steps=updates,
+                                              warmup_steps=warmup),
+                                scores, SparsityController(target, 1.0, 0.1, updates))
     optimizer = torch.optim.AdamW(scores.param_groups(lr=1e-3, weight_decay=0.01, score_lr=0.03))
     lr_schedule = get_linear_schedule_with_warmup(optimizer, warmup, updates)
     draws = torch.Generator().manual_seed(seed)

@@ -58,21 +58,21 @@ def test_the_cached_teacher_gives_the_kd_loss_of_running_it(task, tiny_model_dir
 
 def test_the_teacher_pass_fills_fic_and_a_resumed_run_loads_both(tiny_model_dir, sst2_teacher_dir, data_dir,
                                                                  tmp_path, capsys):
-    from cap.banks import build_banks, encode_vectors
+    from cap.banks import BankSettings, build_banks, encode_vectors
 
     cfg, setup = _setup(tiny_overrides(tiny_model_dir, "sst2"), sst2_teacher_dir)
     cfg.contrast.enabled = True
-    banks = build_banks(cfg, setup.data, setup.model.config.hidden_size, 1)
+    banks = build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1)
     first = teacher_pass(cfg, setup, banks, tmp_path, torch.device("cpu"))
     fic = encode_vectors(setup.teacher, setup.data.train, setup.collator, pooling=cfg.contrast.pooling)
     assert torch.allclose(banks["fic"].view()[:, 0].float(), fic, atol=1e-3)  # the bank stores float16
-    again = build_banks(cfg, setup.data, setup.model.config.hidden_size, 1)
+    again = build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1)
     second = teacher_pass(cfg, setup, again, tmp_path, torch.device("cpu"))
     assert "loaded from" in capsys.readouterr().out
     assert torch.equal(first.logits["logits"], second.logits["logits"])
     assert torch.equal(banks["fic"].view(), again["fic"].view())
     (tmp_path / LOGITS_FILE).write_bytes(b"damaged")  # a damaged file is not used: the pass runs again
-    third = teacher_pass(cfg, setup, build_banks(cfg, setup.data, setup.model.config.hidden_size, 1), tmp_path,
+    third = teacher_pass(cfg, setup, build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1), tmp_path,
                          torch.device("cpu"))
     assert torch.equal(first.logits["logits"], third.logits["logits"])
 

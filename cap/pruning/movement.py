@@ -7,6 +7,7 @@ Scores are attached with torch.nn.utils.parametrize: the Hugging Face classes st
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -224,6 +225,35 @@ def schedule_phases(*, total_steps: int, warmup_steps: int, initial_warmup: floa
 def lambda_schedule(threshold: float, *, final_lambda: float, final: float) -> float:
     """λ_t = final_lambda · τ_t / τ_final (spec §5.3): 0 while τ is 0, final_lambda at the end."""
     return final_lambda * threshold / final if final else 0.0
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """A movement run's schedule, read once from `prune.*` and the run's T and W (`from_config`): the level before
+    each update (Top-K keep fraction or threshold τ) and, without a controller, CAP-soft's λ at that level."""
+
+    criterion: str           # topk (CAP-m), soft (CAP-soft), magnitude
+    initial: float
+    final: float
+    initial_warmup: float    # in W
+    final_warmup: float      # in W
+    final_lambda: float
+    total_steps: int         # T
+    warmup_steps: int        # W
+
+    @classmethod
+    def from_config(cls, prune, total_steps: int, warmup_steps: int) -> PruneSchedule:
+        return cls(criterion=prune.criterion, initial=prune.initial, final=prune.final,
+                   initial_warmup=prune.initial_warmup, final_warmup=prune.final_warmup,
+                   final_lambda=prune.final_lambda, total_steps=total_steps, warmup_steps=warmup_steps)
+
+    def level(self, step: int) -> float:
+        return threshold_schedule(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                                  initial=self.initial, final=self.final, initial_warmup=self.initial_warmup,
+                                  final_warmup=self.final_warmup)
+
+    def lam(self, level: float) -> float:
+        return lambda_schedule(level, final_lambda=self.final_lambda, final=self.final)
 
 
 class SparsityController:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from cap import tracking
-from cap.banks import build_banks, encode_settings, encode_snapshot
+from cap.banks import BankSettings, build_banks, encode_snapshot
 from cap.distributed import this_process
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints, crash_point
@@ -30,11 +30,11 @@ from cap.teacher import teacher_pass
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     sequence = [float(p) for p in cfg.prune.sequence]  # checked before (cap.checks.validate)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
-    model, data, encoding = setup.model, setup.data, encode_settings(cfg)
+    model, data, bank_settings = setup.model, setup.data, BankSettings.from_config(cfg)
     n_layers, n_heads, n_neurons = mask_shapes(model)
     targets = pruning_targets(n_layers * n_heads, n_layers * n_neurons, sequence)
     masks = StructuredMasks.from_model(model).apply(model)
-    banks = build_banks(cfg, data, model.config.hidden_size, len(sequence) - 1)
+    banks = build_banks(bank_settings, data, model.config.hidden_size, len(sequence) - 1)
     report_to = tracking.start(cfg, run_dir)
     device = training_arguments(cfg, run_dir, []).device  # also joins the process group under torchrun/accelerate
     model.to(device)
@@ -55,7 +55,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
             head_imp, ffn_imp = unit_importance(cfg, trainer, setup, masks, step)  # §5.1, with the current loss
             new, importance = choose_units(cfg, masks, head_imp, ffn_imp, target)  # the least important go
             # the current model, old masks, becomes PrC (first step) or the next SnC snapshot
-            encode_snapshot(banks, step, model, data.train, setup.collator, train_mode=False, **encoding)
+            encode_snapshot(banks, step, model, data.train, setup.collator, train_mode=False,
+                            **bank_settings.encoding)
             masks.load_state_dict(new)  # the new masks applied
             stage.save_selection(masks, importance)
         trainer.train(resume_from_checkpoint=stage.checkpoint())  # retrained with the banks, a fresh optimizer

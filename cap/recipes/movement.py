@@ -18,12 +18,12 @@ from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from cap import tracking
-from cap.banks import build_banks, encode_settings, encode_snapshot
+from cap.banks import BankSettings, build_banks, encode_snapshot
 from cap.checks import check_schedule, planned_updates
 from cap.evaluation import evaluate_task
 from cap.io import CrashPoints
 from cap.methods import metric_rows, nominal_sparsity, training_arguments
-from cap.pruning.movement import MovementScores, SparsityController, lambda_schedule, threshold_schedule
+from cap.pruning.movement import MovementScores, PruneSchedule, SparsityController
 from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
 from cap.stages import MovementStage
@@ -57,29 +57,27 @@ def sparsity_warning(cfg: DictConfig, measured: float, controller: SparsityContr
 class MovementSchedule(TrainerCallback):
     """Sets the pruning level (and λ) before every update; encodes PrC/SnC at the start of every epoch."""
 
-    def __init__(self, cfg, scores, banks, stage, data, collator, total_steps, warmup_steps, controller):
-        self.cfg, self.scores, self.banks, self.stage = cfg, scores, banks, stage
-        self.data, self.collator, self.controller = data, collator, controller
-        p = cfg.prune
-        self.schedule = dict(total_steps=total_steps, warmup_steps=warmup_steps, initial=p.initial, final=p.final,
-                             initial_warmup=p.initial_warmup, final_warmup=p.final_warmup)
+    def __init__(self, schedule: PruneSchedule, scores, controller=None, *, banks=None, stage=None, data=None,
+                 collator=None, bank_settings: BankSettings | None = None, seed: int = 0):
+        self.schedule, self.scores, self.controller = schedule, scores, controller
+        self.banks, self.stage, self.data, self.collator = banks or {}, stage, data, collator
+        self.bank_settings, self.seed = bank_settings, seed
         self.lam = 0.0
 
     def level(self, step: int) -> float:
-        return threshold_schedule(step, **self.schedule)
+        return self.schedule.level(step)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         level = self.level(state.global_step)
         self.scores.set_level(level)
-        p = self.cfg.prune
-        if p.criterion == "soft":
+        if self.schedule.criterion == "soft":
             if self.controller is not None:
                 lr = kwargs["optimizer"].param_groups[-1]["lr"]  # the scores' group
                 scores, weights = self.scores.quantile_inputs()
-                self.lam = self.controller.update(scores, state.global_step, lr, active=level > p.initial,
+                self.lam = self.controller.update(scores, state.global_step, lr, active=level > self.schedule.initial,
                                                   weights=weights)
             else:
-                self.lam = lambda_schedule(level, final_lambda=p.final_lambda, final=p.final)
+                self.lam = self.schedule.lam(level)
 
     def log_values(self) -> dict[str, float]:
         return {"prune_level": self.scores.level, "prune_lambda": self.lam,
@@ -96,8 +94,9 @@ class MovementSchedule(TrainerCallback):
         self.scores.set_level(self.level(max(state.global_step - 1, 0)))  # the last level used in training
         self.stage.restore_snapshots(self.banks, epoch)  # the banks as this epoch starts from them
         # the current model becomes PrC (epoch 0: the pre-trained model) or the next SnC snapshot (§4)
-        name = encode_snapshot(self.banks, epoch, model, self.data.train, self.collator, seed=self.cfg.seed + epoch,
-                               train_mode=epoch > 0 and self.cfg.bank.snapshot_train_mode, **encode_settings(self.cfg))
+        settings = self.bank_settings
+        name = encode_snapshot(self.banks, epoch, model, self.data.train, self.collator, seed=self.seed + epoch,
+                               train_mode=epoch > 0 and settings.snapshot_train_mode, **settings.encoding)
         if name:
             self.stage.save_snapshot(self.banks, name)
 
@@ -105,13 +104,13 @@ class MovementSchedule(TrainerCallback):
 class EpochEvaluation(TrainerCallback):
     """Evaluates at the final level after every epoch: one metrics.json row per split, with the sparsity."""
 
-    def __init__(self, cfg, scores, data, stage, method):
-        self.cfg, self.scores, self.data, self.stage, self.method = cfg, scores, data, stage, method
+    def __init__(self, final: float, scores, data, stage, method: str):
+        self.final, self.scores, self.data, self.stage, self.method = final, scores, data, stage, method
         self.trainer = None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         training_level = self.scores.level
-        self.scores.set_level(self.cfg.prune.final)
+        self.scores.set_level(self.final)
         results = evaluate_task(self.trainer, self.data, out_dir=self.stage.folder if self.stage.writes else None)
         sparsity = self.scores.sparsity()
         rows = metric_rows(results, stage=round(state.epoch), method=self.method, step=state.global_step,
@@ -138,7 +137,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if short_ramp:
         warnings.warn(short_ramp, stacklevel=1)
     scores = MovementScores.attach(model, p.criterion, granularity=p.granularity)
-    banks = build_banks(cfg, data, model.config.hidden_size, max(cfg.trainer.epochs - 1, 0))
+    bank_settings = BankSettings.from_config(cfg)
+    banks = build_banks(bank_settings, data, model.config.hidden_size, max(cfg.trainer.epochs - 1, 0))
     args = training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir))
     controller = None
     if p.target_sparsity is not None:
@@ -146,8 +146,10 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     resume_from = stage.resume_checkpoint(banks, controller)
     # the epoch loop is the Trainer's: the schedule sets the level before every update and encodes PrC / SnC at
     # the start of every epoch; every epoch is evaluated at the final level
-    schedule = MovementSchedule(cfg, scores, banks, stage, data, setup.collator, total_steps, warmup_steps, controller)
-    evaluation = EpochEvaluation(cfg, scores, data, stage, cfg.method.name)
+    schedule = MovementSchedule(PruneSchedule.from_config(p, total_steps, warmup_steps), scores, controller,
+                                banks=banks, stage=stage, data=data, collator=setup.collator,
+                                bank_settings=bank_settings, seed=cfg.seed)
+    evaluation = EpochEvaluation(p.final, scores, data, stage, cfg.method.name)
     regularizer = (lambda: schedule.lam * scores.regularization()) if p.criterion == "soft" else None
     optimizer = torch.optim.AdamW(scores.param_groups(lr=args.learning_rate, weight_decay=args.weight_decay,
                                                       score_lr=p.score_lr), eps=args.adam_epsilon)
