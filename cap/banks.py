@@ -146,7 +146,8 @@ class BankSettings:
         return cls(enabled=bool(c.enabled), prc=bool(c.prc), snc=bool(c.snc), fic=bool(c.fic),
                    dtype=BANK_DTYPES[cfg.bank.dtype], device=cfg.bank.device, pooling=c.pooling,
                    batch_size=cfg.trainer.eval_batch_size, precision=cfg.trainer.precision,
-                   sort_by_length=bool(cfg.data.group_by_length), snapshot_train_mode=bool(cfg.bank.snapshot_train_mode))
+                   sort_by_length=bool(cfg.data.group_by_length),
+                   snapshot_train_mode=bool(cfg.bank.snapshot_train_mode))
 
     @property
     def encoding(self) -> dict:

@@ -71,7 +71,8 @@ def table(records: list[dict], path: Path, title: str) -> list[dict]:
     rows = []
     for arm in arms:
         mine = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["seed"])
-        rows.append({"arm": arm, "seeds": [r["seed"] for r in mine], "accuracy": [round(r["accuracy"], 2) for r in mine],
+        rows.append({"arm": arm, "seeds": [r["seed"] for r in mine],
+                     "accuracy": [round(r["accuracy"], 2) for r in mine],
                      "sparsity": [round(r["sparsity"], 4) for r in mine],
                      "accuracy_mean_std": fmt_values(r["accuracy"] for r in mine),
                      "sparsity_mean": round(statistics.mean(r["sparsity"] for r in mine), 4),
@@ -109,7 +110,8 @@ def cap_minus_baseline(records: list[dict]) -> str | None:
                           {r["seed"]: r["accuracy"] for r in records if r["arm"] != "CAP-soft"})
     if not seeds:
         return None
-    return f"CAP-soft minus the baseline, paired by seed {seeds}: {fmt_values(diffs)} points ({[round(d, 2) for d in diffs]})"
+    return (f"CAP-soft minus the baseline, paired by seed {seeds}: {fmt_values(diffs)} points "
+            f"({[round(d, 2) for d in diffs]})")
 
 
 CURVES = [("prune_lambda", "λ"), ("prune_level", "threshold τ"), ("sparsity_entries", "sparsity"), ("loss_ce", "CE"),

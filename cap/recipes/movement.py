@@ -7,7 +7,8 @@ evaluated at the final level. Epoch checkpoints hold weights, scores, optimizer 
 saved beside them, so a killed run resumes (what is saved, and how it is resumed: `cap.stages.MovementStage`).
 
 A schedule that cannot prune within the run's updates is refused before anything is trained
-(`cap.checks.check_schedule`); a run that ends far from the sparsity its config aims at says so, in the log and on its final metrics rows."""
+(`cap.checks.check_schedule`); a run that ends far from the sparsity its config aims at says so, in the log and on
+its final metrics rows."""
 from __future__ import annotations
 
 import warnings
