@@ -335,3 +335,21 @@ def test_the_committed_soft_movement_baseline_study_is_what_its_runs_give(tmp_pa
     assert "selection.md" in written
     for name in written:
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
+
+
+def test_deploy_verdict_takes_the_fastest_format_within_a_point_and_says_how_far_from_the_target(monkeypatch):
+    """scripts/bench_deploy.py: a faster format that loses more than a point of accuracy is not the best one."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))  # its interleaved.py, as when it runs
+    deploy = script_module("bench_deploy")
+
+    def row(b1, b32, delta):
+        return {"latency": {"batch_1": {"over_dense": b1}, "batch_32": {"over_dense": b32}},
+                "accuracy_minus_fp32": delta}
+
+    rows = {"pytorch-fp32": row(0.2, 0.13, 0.0), "onnxruntime-int8": row(0.09, 0.08, -0.7),
+            "broken-int4": row(0.01, 0.01, -5.0)}
+    verdict = deploy.verdict(rows)
+    assert verdict["batch_1"] == {"best_format": "onnxruntime-int8", "over_dense": 0.09, "target": 0.10, "met": True,
+                                  "times_over_target": 0.9}
+    assert verdict["batch_32"]["best_format"] == "onnxruntime-int8" and not verdict["batch_32"]["met"]
+    assert verdict["batch_32"]["times_over_target"] == round(0.08 / 0.07, 2)
