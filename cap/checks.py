@@ -27,6 +27,7 @@ from cap.pruning.movement import CRITERIA, schedule_phases
 
 LOGGERS = ("none", "wandb")
 NORMALIZATIONS = ("original", "per_anchor")  # cap.contrastive.contrastive_loss
+REACHES = ("both", "weights", "scores")  # cap.losses.withheld_gradient
 
 
 def validate(cfg: DictConfig) -> None:
@@ -52,7 +53,14 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "bank.dtype", BANK_DTYPES)
     _one_of(cfg, "contrast.pooling", (*POOLINGS, "auto"))
     _one_of(cfg, "contrast.normalization", NORMALIZATIONS)
+    _one_of(cfg, "contrast.reaches", REACHES)
     recipe = RECIPES.get(cfg.method.name)
+    if cfg.contrast.reaches != "both" and recipe != "movement":
+        raise UserError(f"contrast.reaches={cfg.contrast.reaches} splits weights from movement scores: use it with "
+                        "method=cap_m or cap_soft (this method has no scores)")
+    if cfg.contrast.reaches != "both" and this_process().world > 1:
+        raise UserError(f"contrast.reaches={cfg.contrast.reaches} is a single-process ablation: run it without "
+                        "accelerate/torchrun")
     if recipe == "cap_f":
         check_sequence(cfg.prune.sequence)
         if not 0 < cfg.prune.importance_fraction <= 1:

@@ -111,6 +111,8 @@ class ContrastConfig:
     pooling: str = doc("cls (pooler output; raw [CLS] state for QA) | mean | auto (the checkpoint's own: its "
                        "sentence-transformers pooling, else cls)")
     normalization: str = doc("original: divide by the positive pairs in the batch (spec Q1) | per_anchor")
+    reaches: str = doc("both (the paper) | weights | scores: which parameters the contrastive terms' gradients reach "
+                       "(an ablation for CAP-m / CAP-soft: the other part gets task and regulariser gradients only)")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from cap.contrastive import RepresentationBank, contrastive_loss, draw_extra_idx
-from cap.losses import gradient_balance, kd_loss, span_loss, task_loss
+from cap.losses import gradient_balance, kd_loss, span_loss, task_loss, withheld_gradient
 from cap.models import RepresentationTap
 from cap.precision import autocast, full_precision
 from cap.teacher import TeacherOutputs
@@ -37,6 +37,7 @@ class Contrast:
     extra_examples: int = 4096
     normalization: str = "original"
     pooling: str = "cls"
+    reaches: str = "both"  # or "weights" / "scores": the contrastive gradient withheld from the other part
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -59,7 +60,8 @@ class CAPTrainer(Trainer):
     `banks` maps a name (prc, fic, snc) to a RepresentationBank; the ones holding no snapshot yet are skipped.
     Contrastive terms are computed in training only (evaluation batches carry no contrastive term). At every logging
     step the gradients of the task part (ce·CE + kd·KD) and of the contrastive part w.r.t. the encoder are compared
-    (`grad_norm_task`, `grad_norm_contrast`, `grad_cosine`: `cap.losses.gradient_balance`), on a single process.
+    (`grad_norm_task`, `grad_norm_contrast`, `grad_cosine`: `cap.losses.gradient_balance`), on a single process;
+    for a movement method also for the scores and the weights apart (`grad_norm_task_scores`, ..., `grad_cosine_weights`).
 
     With `teacher_outputs` (cap.teacher) the teacher's logits are looked up by example id instead of recomputed.
     The student's and teacher's forwards run under the precision's autocast; the losses stay fp32 (spec Q21).
@@ -235,12 +237,19 @@ class CAPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, outputs = self.loss_terms(model, inputs)
         loss = self.weighted(terms)
+        contrast = self.weighted({k: terms[k] for k in self.banks if k in terms})
+        if model.training and self.contrast.reaches != "both" and torch.is_tensor(contrast):
+            withheld = "weights" if self.contrast.reaches == "scores" else "scores"
+            loss = loss + withheld_gradient(contrast, [p for n, p in self.model.named_parameters()
+                                                       if p.requires_grad and ("scores" in n) == (withheld == "scores")])
         if model.training and self._logs_after_this_update() and set(terms) & set(self.banks):
             task = self.weighted({k: terms[k] for k in TASK_TERMS if k in terms})
-            contrast = self.weighted({k: terms[k] for k in self.banks if k in terms})
             if torch.is_tensor(task) and self.args.world_size == 1:  # autograd.grad would bypass DDP's reducer
-                self._balance = gradient_balance(task, contrast, [
-                    p for p in self.model.base_model.encoder.parameters() if p.requires_grad])
+                named = [(n, p) for n, p in self.model.base_model.encoder.named_parameters() if p.requires_grad]
+                scores = ["scores" in n for n, _ in named]  # movement scores, apart from the weights they mask
+                parts = {"scores": scores, "weights": [not s for s in scores]} if any(scores) else None
+                # the contrastive pull as computed: with contrast.reaches, the part it is withheld from does not get it
+                self._balance = gradient_balance(task, contrast, [p for _, p in named], parts=parts)
         if model.training:
             for name, value in terms.items():
                 # summed on device; read back only when logging (no sync per step)

@@ -28,20 +28,27 @@ from omegaconf import OmegaConf
 from cap.report import finished_runs
 from cap.studies import figure, fmt_values, markdown_table, paired
 
+REPO = Path(__file__).resolve().parents[1]
 GRID = ("prune.score_lr", "ce.weight", "kd.weight")
+CAP_SOFT_SCORE_LR = OmegaConf.load(REPO / "conf/experiment/minilm/sst2_cap_soft.yaml").prune.score_lr  # the preset
 SETTINGS, SEEDS = 4, [1, 2]  # the grid of tune_soft_movement_baseline.sh: 2 score lrs x 2 loss balances, 2 seeds
 MIN_SPARSITY = 0.89
 
 
 def arm_of(cfg) -> str:
-    """"CAP-soft", with what a mechanism arm changes in brackets ("CAP-soft (sup_weight=0)", "CAP-soft (PrC only)"),
-    or "soft movement <the grid's values>", "structured soft movement ..." with prune.granularity=structured."""
+    """"CAP-soft", with what a mechanism arm changes in brackets ("CAP-soft (sup_weight=0)", "CAP-soft (PrC only)",
+    "CAP-soft (score_lr=0.01)", "CAP-soft (reaches the weights only)"), or "soft movement <the grid's values>",
+    "structured soft movement ..." with prune.granularity=structured."""
     c = cfg.contrast
     if c.enabled:
         changes = [f"{key}=0" for key in ("sup_weight", "unsup_weight") if c[key] == 0]
         banks = [name for name in ("prc", "snc", "fic") if c[name]]
         if len(banks) < 3:
             changes.append(" + ".join({"prc": "PrC", "snc": "SnC", "fic": "FiC"}[b] for b in banks) + " only")
+        if cfg.prune.score_lr != CAP_SOFT_SCORE_LR:
+            changes.append(f"score_lr={cfg.prune.score_lr}")
+        if c.get("reaches", "both") != "both":
+            changes.append(f"reaches the {c.reaches} only")
         return "CAP-soft" + (f" ({', '.join(changes)})" if changes else "")
     label = "soft movement " + " ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in GRID)
     return ("structured " if cfg.prune.granularity != "element" else "") + label
@@ -116,28 +123,45 @@ def cap_minus_baseline(records: list[dict]) -> str | None:
 
 CURVES = [("prune_lambda", "λ"), ("prune_level", "threshold τ"), ("sparsity_entries", "sparsity"), ("loss_ce", "CE"),
           ("loss_kd", "KD"), ("contrast", "contrastive terms (PrC + FiC + SnC)")]
+# where the contrastive gradient goes (cap.losses.gradient_balance): its norm over the task's, on each part apart
+PULLS = [("pull_scores", "contrastive ÷ task gradient norm, scores"),
+         ("pull_weights", "contrastive ÷ task gradient norm, weights"),
+         ("grad_cosine_scores", "cosine(task, contrastive gradient), scores"),
+         ("grad_cosine_weights", "cosine(task, contrastive gradient), weights")]
 
 
-def plot(records: list[dict], path: Path) -> None:
+def curve(log: list[dict], key: str) -> list[tuple[int, float]]:
+    def value(e):
+        if key == "contrast":
+            return sum(e.get(k, 0) for k in ("loss_prc", "loss_fic", "loss_snc"))
+        if key.startswith("pull_"):
+            part = key.removeprefix("pull_")
+            task = e.get(f"grad_norm_task_{part}")
+            return e[f"grad_norm_contrast_{part}"] / task if task else None
+        return e.get(key)
+
+    return [(e["update"], v) for e in log if "loss" in e and (v := value(e)) is not None]
+
+
+def plot(records: list[dict], path: Path, title: str, curves=CURVES) -> None:
     seed1 = [r for r in records if r["seed"] == 1 and r["log"]]
     if not seed1:
         return
-    fig = figure(18, 7)
-    axes = fig.subplots(2, 4)
-    for ax, (key, title) in zip(axes.flat, CURVES + [("accuracy", "dev accuracy (%) per epoch")]):
+    panels = curves + [("accuracy", "dev accuracy (%) per epoch")]
+    fig = figure(18, 3.5 * -(-(len(panels) + 1) // 4))
+    axes = fig.subplots(-(-(len(panels) + 1) // 4), 4)
+    for ax, (key, name) in zip(axes.flat, panels):
         for r in seed1:
-            if key == "accuracy":
-                ax.plot(*zip(*r["epochs"]), marker="o", label=r["arm"])
-                continue
-            points = [(e["update"], sum(e.get(k, 0) for k in ("loss_prc", "loss_fic", "loss_snc")) if key == "contrast"
-                       else e[key]) for e in r["log"] if "loss" in e and (key == "contrast" or key in e)]
+            points = r["epochs"] if key == "accuracy" else curve(r["log"], key)
             if points:
-                ax.plot(*zip(*points), label=r["arm"])
-        ax.set_title(title)
+                ax.plot(*zip(*points), label=r["arm"], **({"marker": "o"} if key == "accuracy" else {}))
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch" if key == "accuracy" else "update")
-    axes.flat[-1].axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("seed 1: CAP-soft and the chosen soft-movement baseline")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    list(axes.flat)[-1].legend(handles, labels, fontsize=7, loc="center")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -162,10 +186,12 @@ def main() -> None:
             with (a.out / "dev.md").open("a") as file:
                 file.write(f"\n{line}\n")
             print(line)
-        plot(dev, a.out / "curves.png")
+        plot(dev, a.out / "curves.png", "seed 1: CAP-soft and the chosen soft-movement baseline")
     mechanism = runs(a.runs / "mechanism")
     if mechanism and dev:
         mechanism_table(mechanism, dev, a.out / "mechanism.md")
+        plot(dev + mechanism, a.out / "mechanism.png", "seed 1: the mechanism arms beside CAP-soft and the baseline",
+             CURVES[2:4] + CURVES[5:] + PULLS)
 
 
 def mechanism_table(mechanism: list[dict], dev: list[dict], path: Path) -> None:
@@ -173,17 +199,20 @@ def mechanism_table(mechanism: list[dict], dev: list[dict], path: Path) -> None:
     its accuracy minus the baseline's, paired by seed."""
     base_arm = next(r["arm"] for r in dev if r["arm"] != "CAP-soft")
     base = {r["seed"]: r["accuracy"] for r in dev if r["arm"] == base_arm}
+    cap_soft = {r["seed"]: r["accuracy"] for r in dev if r["arm"] == "CAP-soft"}
     arms = ["CAP-soft"] + sorted({r["arm"] for r in mechanism})
     rows = []
     for arm in arms:
         mine = {r["seed"]: r for r in (dev if arm == "CAP-soft" else mechanism) if r["arm"] == arm}
-        seeds, diffs = paired({s: r["accuracy"] for s, r in mine.items()}, base)
-        rows.append([arm, sorted(mine), fmt_values(r["accuracy"] for r in mine.values()),
-                     round(statistics.mean(r["sparsity"] for r in mine.values()), 4),
-                     f"{fmt_values(diffs, sign='+')} ({seeds})" if diffs else ""])
+        row = [arm, sorted(mine), fmt_values(r["accuracy"] for r in mine.values()),
+               round(statistics.mean(r["sparsity"] for r in mine.values()), 4)]
+        for against in (base, cap_soft if arm != "CAP-soft" else {}):
+            seeds, diffs = paired({s: r["accuracy"] for s, r in mine.items()}, against)
+            row.append(f"{fmt_values(diffs, sign='+')} ({seeds})" if diffs else "")
+        rows.append(row)
     lines = [f"# Phase mechanism: which term, on the dev set (final epoch), against {base_arm}", ""]
     lines += markdown_table(["arm", "seeds", "accuracy (%) mean ± std", "final sparsity (mean)",
-                             "minus the baseline, paired by seed (points)"], rows)
+                             "minus the baseline, paired by seed (points)", "minus CAP-soft, paired (points)"], rows)
     lines += ["", f"The baseline: {fmt_values(base.values())} % over seeds {sorted(base)}."]
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

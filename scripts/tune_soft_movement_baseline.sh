@@ -13,9 +13,11 @@
 # choice.json).
 # Phase dev (the dev set, once): the chosen baseline and CAP-soft (the preset), seeds 1-3, on the 2,000 sentences
 # (no held-out rows). Re-running resumes.
-# Phase mechanism (dev, once per run; only when asked for): CAP-soft without the supervised term, without the
-# unsupervised term, with PrC, SnC or FiC alone, and the chosen baseline with structured scores, seeds 1-3, each
-# against the chosen baseline (mechanism.md).
+# Phase mechanism (dev, once per run; only when asked for), seeds 1-3, each against the chosen baseline and CAP-soft
+# (mechanism.md, mechanism.png), in this order (a session may end between groups; re-running resumes): CAP-soft at
+# the baseline's score lr (the two arms' one other difference); without the supervised term, without the
+# unsupervised term; its contrastive gradients kept from the scores or from the weights (contrast.reaches); the
+# chosen baseline with structured scores; CAP-soft with PrC, SnC or FiC alone.
 # Usage: scripts/tune_soft_movement_baseline.sh [work dir, default multiruns/minilm-sst2-soft-baseline]
 #        [--phase select|dev|both|mechanism (default both: select, then dev)] [--report-only]
 set -euo pipefail
@@ -48,15 +50,23 @@ fi
 if [[ $phase == mechanism ]]; then
     if ! $report_only; then
         choice=$(python -c "import json, sys; print(' '.join(json.load(open(sys.argv[1]))['overrides']))" "$out/choice.json")
-        # which term: CAP-soft without the supervised or the unsupervised term, with one bank at a time
+        score_lr=$(python -c "import json, sys; print(next(o for o in json.load(open(sys.argv[1]))['overrides']
+            if o.startswith('prune.score_lr=')))" "$out/choice.json")
+        # the arms' other difference: CAP-soft at the baseline's score lr
+        run mechanism seed=1,2,3 contrast.enabled=true "$score_lr"
+        # which term: CAP-soft without the supervised or the unsupervised term
         run mechanism seed=1,2,3 contrast.enabled=true contrast.sup_weight=0
         run mechanism seed=1,2,3 contrast.enabled=true contrast.unsup_weight=0
-        run mechanism seed=1,2,3 contrast.enabled=true contrast.snc=false contrast.fic=false
-        run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.fic=false
-        run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.snc=false
+        # through what: the contrastive gradients kept from the movement scores, or from the weights
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.reaches=weights
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.reaches=scores
         # does a collapse belong to element scores: the chosen baseline with one score per head and FFN neuron
         # shellcheck disable=SC2086
         run mechanism seed=1,2,3 contrast.enabled=false prune.granularity=structured $choice
+        # which bank: one at a time
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.snc=false contrast.fic=false
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.fic=false
+        run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.snc=false
     fi
     collect "$work/sweeps/mechanism" "$out/runs/mechanism"
     python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"

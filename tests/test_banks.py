@@ -151,6 +151,29 @@ def test_the_gradient_balance_is_logged_and_changes_no_update(tokenizer, tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(every.state_dict().values(), never.state_dict().values()))
 
 
+@pytest.mark.parametrize("reaches", ["both", "weights", "scores"])
+def test_contrast_reaches_only_the_part_asked_for(tokenizer, tmp_path, reaches):
+    """contrast.reaches: with the contrastive terms the only loss, the movement scores move iff they are reached,
+    and so do the encoder's weights (AdamW without decay leaves a parameter with zero gradient where it was)."""
+    from cap.pruning.movement import MovementScores
+
+    data, collator = toy_dataset(n=16), DataCollatorWithPadding(tokenizer)
+    student = diverse_classifier(0)
+    MovementScores.attach(student, "topk").set_level(1.0)
+    bank = RepresentationBank(16, 32, max_reps=1, labels=torch.tensor(data["labels"]))
+    encode_into(bank, diverse_classifier(1), data, collator)
+    before = {n: p.detach().clone() for n, p in student.bert.encoder.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2,
+                             learning_rate=1e-2, weight_decay=0.0, report_to=[], remove_unused_columns=False,
+                             save_strategy="no", disable_tqdm=True, seed=0)
+    CAPTrainer(model=student, args=args, train_dataset=data, data_collator=collator, weights=LossWeights(ce=0.0),
+               banks={"fic": bank}, contrast=Contrast(unsup_weight=1.0, sup_weight=1.0, extra_examples=8,
+                                                      reaches=reaches)).train()
+    moved = {n for n, p in student.bert.encoder.named_parameters() if not torch.equal(p, before[n])}
+    assert any("scores" in n for n in moved) == (reaches != "weights")
+    assert any("scores" not in n for n in moved) == (reaches != "scores")
+
+
 def test_gradient_balance_is_the_norms_and_cosine_of_the_two_gradients():
     from cap.losses import gradient_balance
 
@@ -161,6 +184,19 @@ def test_gradient_balance_is_the_norms_and_cosine_of_the_two_gradients():
     assert out["grad_cosine"] == pytest.approx(25 / (5 * 29 ** 0.5)) and p.grad is None
     still = gradient_balance((p * a).sum(), torch.tensor(0.0), [p])  # a term with no graph (its weights are 0)
     assert (still["grad_norm_contrast"], still["grad_cosine"]) == (0.0, 0.0)
+
+
+def test_gradient_balance_splits_into_parts_from_the_same_gradients():
+    """`parts`: the figures for a subset of the parameters (a movement run's scores and weights apart)."""
+    from cap.losses import gradient_balance
+
+    w, s = torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([0.5], requires_grad=True)
+    task, contrast = (w * torch.tensor([3.0, 4.0])).sum() + 2 * s.sum(), (w * torch.tensor([4.0, -3.0])).sum() - s.sum()
+    out = gradient_balance(task, contrast, [w, s], parts={"weights": [True, False], "scores": [False, True]})
+    assert out["grad_norm_task_weights"] == pytest.approx(5.0) and out["grad_cosine_weights"] == pytest.approx(0.0)
+    assert out["grad_norm_contrast_scores"] == pytest.approx(1.0) and out["grad_cosine_scores"] == pytest.approx(-1.0)
+    assert out["grad_norm_task"] == pytest.approx(29 ** 0.5)  # the whole is unchanged
+    assert "grad_norm_task_none" not in gradient_balance(task, contrast, [w, s], parts={"none": [False, False]})
 
 
 def test_fixed_extra_ids_replace_the_draws(tokenizer, tmp_path):

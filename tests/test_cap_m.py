@@ -37,6 +37,16 @@ def test_cap_soft_logs_lambda_and_the_sparsity(tiny_model_dir, sst2_teacher_dir,
     assert len(rows) == EPOCHS and 0 < rows[-1]["sparsity_entries"] < 1
 
 
+def test_cap_soft_runs_with_its_contrastive_terms_kept_from_the_weights(tiny_model_dir, sst2_teacher_dir, tmp_path):
+    """contrast.reaches=scores through the recipe (the mechanism study's arm): it prunes, and its log still shows
+    the contrastive pull on the weights that it withheld (tests/test_banks.py checks that it is withheld)."""
+    rows = run(composed(movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.final_lambda=50",
+                                           "prune.score_lr=0.5", "contrast.reaches=scores")), tmp_path)
+    assert len(rows) == EPOCHS and 0 < rows[-1]["sparsity_entries"] < 1
+    log = [json.loads(line) for line in (tmp_path / "trainer_log.jsonl").read_text().splitlines()]
+    assert any(r.get("grad_norm_contrast_weights", 0) > 0 for r in log)
+
+
 def test_cap_soft_target_controller_logs_and_checkpoints_its_state(tiny_model_dir, sst2_teacher_dir, tmp_path):
     overrides = movement_overrides(tiny_model_dir, sst2_teacher_dir, "cap_soft", "prune.target_sparsity=0.6",
                                    "prune.final_lambda=1", "prune.score_lr=0.1", "data.max_train_samples=64",

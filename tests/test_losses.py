@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cap.losses import kd_loss, span_loss, task_loss
+from cap.losses import kd_loss, span_loss, task_loss, withheld_gradient
 
 
 def test_kd_is_zero_for_identical_logits_and_matches_hand_value():
@@ -40,3 +40,20 @@ def test_span_loss_ignores_positions_outside_the_sequence():
     loss = span_loss(start, end, torch.tensor([0, 9]), torch.tensor([1, 9]))
     expected = (F.cross_entropy(start[:1], torch.tensor([0])) + F.cross_entropy(end[:1], torch.tensor([1]))) / 2
     assert torch.allclose(loss, expected)
+
+
+def test_a_withheld_gradient_keeps_one_term_from_some_parameters_and_changes_no_value():
+    """loss = a + b + withheld_gradient(b, [q]): q gets a's gradient only, p gets a's and b's (contrast.reaches)."""
+    p, q = torch.tensor([1.0, -2.0], requires_grad=True), torch.tensor([0.5, 3.0], requires_grad=True)
+
+    def terms():
+        return (p * q).sum(), (p ** 2 * q).sum() + q.pow(3).sum()  # a and b both reach p and q
+
+    a, b = terms()
+    loss = a + b + withheld_gradient(b, [q])
+    assert loss.item() == (a + b).item()
+    loss.backward()
+    a_p, a_q = torch.autograd.grad(terms()[0], [p, q])
+    b_p = torch.autograd.grad(terms()[1], [p])[0]
+    assert torch.allclose(q.grad, a_q) and torch.allclose(p.grad, a_p + b_p)
+    assert withheld_gradient(torch.tensor(2.0), [q]).item() == 0.0  # a term without a graph: nothing to withhold

@@ -132,6 +132,10 @@ def test_training_log_keeps_soft_movement_curves_and_reads_as_one_run_after_a_re
     assert [r["update"] for r in training] == [1, 2, 3, 4]  # logging_steps=1
     for key in ("loss_ce", "loss_kd", "loss_reg", "prune_level", "prune_lambda", "sparsity_entries", "learning_rate"):
         assert all(key in r for r in training), key
+    balanced = [r for r in training if "grad_cosine" in r]  # the scores and the weights apart, from the same grads
+    assert balanced and all(r["grad_norm_task_scores"] > 0 and r["grad_norm_contrast_weights"] > 0 for r in balanced)
+    assert all(r["grad_norm_task"] ** 2 == pytest.approx(r["grad_norm_task_scores"] ** 2 + r["grad_norm_task_weights"]
+                                                          ** 2, rel=1e-4) for r in balanced)
     assert [r["update"] for r in log if "validation/accuracy" in r] == [2, 4]  # every epoch evaluated
 
     # a Trainer resumed from update 2 drops what the killed attempt logged after it

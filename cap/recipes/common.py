@@ -64,7 +64,8 @@ def loss_weights(cfg: DictConfig) -> LossWeights:
 def contrast_settings(cfg: DictConfig) -> Contrast:
     c = cfg.contrast
     return Contrast(temperature=c.temperature, unsup_weight=c.unsup_weight, sup_weight=c.sup_weight,
-                    extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling)
+                    extra_examples=c.extra_examples, normalization=c.normalization, pooling=c.pooling,
+                    reaches=c.reaches)
 
 
 def pruning_trainer(cfg: DictConfig, setup: Setup, args: TrainingArguments, banks: dict,
