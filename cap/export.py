@@ -26,7 +26,7 @@ from torch import nn
 from cap.hub.modeling_pruned_bert import (PrunedBertConfig, PrunedBertForQuestionAnswering,
                                           PrunedBertForSequenceClassification, PrunedBertModel)
 from cap.io import crash_point, publish_dir
-from cap.model_card import write_card
+from cap.model_card import CardSettings, write_card
 from cap.pruning.structured import encoder_layers
 
 PRUNED_CLASSES = {"ForSequenceClassification": PrunedBertForSequenceClassification,
@@ -247,7 +247,7 @@ def main(argv=None) -> Path:
         rows = json.loads(done.read_text())["rows"] if done.exists() else json.loads(
             (stage / "metrics.json").read_text())
         rows = [r for r in rows if r.get("stage") == rows[-1].get("stage")] if rows else []
-        write_card(out, OmegaConf.load(config), rows, kind="export")
+        write_card(out, CardSettings.from_config(OmegaConf.load(config)), rows, kind="export")
     return out
 
 

@@ -4,6 +4,7 @@ fine-tuned model, a CAP-f stage (and so the run's final `model/`), a movement ru
 how good at that point (the dev rows of its stage), the config it came from, and how to load it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -28,13 +29,27 @@ ONNX = ("import onnxruntime\nsession = onnxruntime.InferenceSession(\"{path}/{fi
         "logits = session.run(None, {{\"input_ids\": ids, \"attention_mask\": mask, \"token_type_ids\": types}})")
 
 
-def write_card(folder, cfg: DictConfig, rows: list[dict], kind: str = "checkpoint") -> Path:
-    """Write `folder/README.md` for a model of the run configured by `cfg`, evaluated as `rows` (its stage's
-    metrics rows); `kind` is checkpoint, export or sparse (how it loads)."""
+@dataclass(frozen=True)
+class CardSettings:
+    """What every card of a run says about it: its task, method and base model, and its whole config as YAML."""
+    task: str
+    method: str
+    base: str
+    config_yaml: str
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> CardSettings:
+        name = str(cfg.model.name_or_path)
+        return cls(task=cfg.task.name, method=cfg.method.name, base=KNOWN_BASES.get(name, name),
+                   config_yaml=OmegaConf.to_yaml(cfg).strip())
+
+
+def write_card(folder, card: CardSettings, rows: list[dict], kind: str = "checkpoint") -> Path:
+    """Write `folder/README.md` for a model of the run `card` describes, evaluated as `rows` (its stage's metrics
+    rows); `kind` is checkpoint, export or sparse (how it loads)."""
     folder = Path(folder)
-    spec = get_task(cfg.task.name)
-    method = cfg.method.name
-    base = KNOWN_BASES.get(str(cfg.model.name_or_path), str(cfg.model.name_or_path))
+    spec = get_task(card.task)
+    method, base = card.method, card.base
     metrics = {k: v for row in rows for k, v in row.items()
                if isinstance(v, float) and k not in ("sparsity",) and not k.startswith("sparsity_")}
     sparsities = {k: v for row in rows[:1] for k, v in row.items() if k == "sparsity" or k.startswith("sparsity_")}
@@ -66,7 +81,7 @@ def write_card(folder, cfg: DictConfig, rows: list[dict], kind: str = "checkpoin
     lines += [f"- {k}: {v:.4f}" for k, v in metrics.items()] or ["- not evaluated"]
     lines += ["", "**Loading**:", "", "```python", *"\n\n".join(loading).splitlines(), "```", "",
               "**Config** it came from (`python -m cap` with these values):", "", "```yaml",
-              OmegaConf.to_yaml(cfg).strip(), "```", ""]
+              card.config_yaml, "```", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path

@@ -9,8 +9,10 @@ found damaged is reported and the step that wrote it done again. `crash_point` n
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from cap.banks import load_banks, save_banks
@@ -18,17 +20,34 @@ from cap.distributed import this_process
 from cap.export import export_pruned
 from cap.io import (append_metrics, crash_point, file_problem, first_problem, last_complete_checkpoint, publish_dir,
                     publish_linked, read_json, remove_checkpoints, save_tensors_atomic, write_json_atomic)
-from cap.model_card import write_card
+from cap.model_card import CardSettings, write_card
 from cap.sparse import save_sparse
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the stages need of the config: resume or start over (`trainer.resume`), keep the Trainer checkpoints of
+    a finished stage (`trainer.keep_checkpoints`), what the model cards say, and whether a movement run's scores are
+    per entry (`prune.granularity=element`: a `sparse/` folder) or per unit (`export/`)."""
+    resume: bool
+    keep_checkpoints: bool
+    card: CardSettings
+    element_scores: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> StageSettings:
+        return cls(resume=bool(cfg.trainer.resume), keep_checkpoints=bool(cfg.trainer.keep_checkpoints),
+                   card=CardSettings.from_config(cfg),
+                   element_scores=OmegaConf.select(cfg, "prune.granularity", default="element") == "element")
 
 
 class Stage:
     """A folder of work that a killed run resumes: its Trainer checkpoints (`checkpoints/`) while it trains."""
 
-    def __init__(self, folder: Path, cfg):
+    def __init__(self, folder: Path, settings: StageSettings):
         self.folder = Path(folder)
         self.checkpoints = self.folder / "checkpoints"
-        self.cfg, self.resume, self.keep_checkpoints = cfg, cfg.trainer.resume, cfg.trainer.keep_checkpoints
+        self.card, self.resume, self.keep_checkpoints = settings.card, settings.resume, settings.keep_checkpoints
         self.writes = this_process().main
 
     def checkpoint(self, required: tuple[str, ...] = ()) -> str | None:
@@ -47,8 +66,8 @@ class StructuredStage(Stage):
     retraining, and the importance they were chosen by), the Trainer checkpoints while it retrains, then `model/`
     (folded), `masked_weights.safetensors`, `masks.safetensors`, and last `DONE` (its metrics rows)."""
 
-    def __init__(self, run_dir: Path, sparsity: float, cfg, banks):
-        super().__init__(Path(run_dir) / "stages" / f"{sparsity:g}", cfg)
+    def __init__(self, run_dir: Path, sparsity: float, settings: StageSettings, banks):
+        super().__init__(Path(run_dir) / "stages" / f"{sparsity:g}", settings)
         self.run_dir, self.banks, self.selected = Path(run_dir), banks, self.folder / "selected"
 
     def selection_files(self) -> list[Path]:
@@ -128,7 +147,7 @@ class StructuredStage(Stage):
         tmp = self.folder / "model.tmp"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_card(tmp, self.cfg, rows)
+        write_card(tmp, self.card, rows)
         masks.unfold(model, zeroed)
         publish_dir(tmp, self.folder / "model")
         save_tensors_atomic(zeroed, self.folder / "masked_weights.safetensors")
@@ -151,10 +170,10 @@ class MovementStage(Stage):
 
     CONTROLLER_FILE = "sparsity_controller.safetensors"
 
-    def __init__(self, run_dir: Path, cfg):
-        super().__init__(run_dir, cfg)
+    def __init__(self, run_dir: Path, settings: StageSettings):
+        super().__init__(run_dir, settings)
         self.banks = self.folder / "banks"
-        self.last = self.folder / ("sparse" if cfg.prune.granularity == "element" else "export")  # written last
+        self.last = self.folder / ("sparse" if settings.element_scores else "export")  # written last
 
     def finished(self) -> bool:
         """Whether an earlier attempt finished the run (`trainer.resume`)."""
@@ -217,17 +236,17 @@ class MovementStage(Stage):
         tmp = self.folder / "model.tmp"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_card(tmp, self.cfg, rows)
+        write_card(tmp, self.card, rows)
         publish_dir(tmp, self.folder / "model")
         crash_point("model_published")
         if unit_masks is None:
             save_sparse(model, self.folder / "sparse.tmp", tokenizer=tokenizer)
-            write_card(self.folder / "sparse.tmp", self.cfg, rows, kind="sparse")
+            write_card(self.folder / "sparse.tmp", self.card, rows, kind="sparse")
             publish_dir(self.folder / "sparse.tmp", self.last)
         else:
             save_tensors_atomic(unit_masks, self.folder / "masks.safetensors")
             export_pruned(model, unit_masks["head_mask"], unit_masks["ffn_mask"], self.last, tokenizer=tokenizer,
-                          card=(self.cfg, rows))
+                          card=(self.card, rows))
         self.drop_checkpoints()
 
     def _record_warnings(self, notes: list[str]) -> None:

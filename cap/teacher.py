@@ -6,6 +6,7 @@ Trainer looks them up by example id (`idx`) instead of running the teacher again
 with the banks, so a resumed run loads them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,13 +46,27 @@ class TeacherOutputs:
         return cls(load_file(str(path)))
 
 
-def teacher_pass(cfg, setup, banks: dict, folder: Path, device) -> TeacherOutputs | None:
-    """Fill the FiC bank (when `banks` has one) and, with `teacher.cache_outputs` and KD on, return the teacher's
-    logits for every training example, in one pass (its files in `folder`, loaded from there by a resumed run).
-    With `teacher.cache_outputs=false` the FiC bank is encoded as before and the teacher runs in every update."""
+@dataclass(frozen=True)
+class TeacherPassSettings:
+    """What the teacher's pass needs of the config: whether to cache its outputs (`teacher.cache_outputs`, with KD
+    on: nothing else reads them), how to encode (the banks' settings) and SQuAD's window (`data.max_seq_length`)."""
+    cache: bool
+    banks: BankSettings
+    max_seq_length: int
+
+    @classmethod
+    def from_config(cls, cfg) -> TeacherPassSettings:
+        return cls(cache=bool(cfg.teacher.cache_outputs and cfg.kd.weight > 0), banks=BankSettings.from_config(cfg),
+                   max_seq_length=int(cfg.data.max_seq_length))
+
+
+def teacher_pass(settings: TeacherPassSettings, setup, banks: dict, folder: Path, device) -> TeacherOutputs | None:
+    """Fill the FiC bank (when `banks` has one) and, with `settings.cache`, return the teacher's logits for every
+    training example, in one pass (its files in `folder`, loaded from there by a resumed run). Without the cache
+    the FiC bank is encoded as before and the teacher runs in every update."""
     teacher, train = setup.teacher.to(device), setup.data.train
-    encoding = BankSettings.from_config(cfg).encoding
-    if not (cfg.teacher.cache_outputs and cfg.kd.weight > 0):
+    encoding = settings.banks.encoding
+    if not settings.cache:
         load_or_encode("fic", banks, folder, teacher, train, setup.collator, **encoding)
         return None
     path = folder / LOGITS_FILE
@@ -66,10 +81,10 @@ def teacher_pass(cfg, setup, banks: dict, folder: Path, device) -> TeacherOutput
         return outputs
     qa = setup.data.spec.is_qa
     # QA logits are cached at every position of a full window, so any batch's padding finds its positions
-    collator = (DataCollatorWithPadding(setup.tokenizer, padding="max_length", max_length=cfg.data.max_seq_length)
+    collator = (DataCollatorWithPadding(setup.tokenizer, padding="max_length", max_length=settings.max_seq_length)
                 if qa else setup.collator)
     names = ("start_logits", "end_logits") if qa else ("logits",)
-    width = cfg.data.max_seq_length if qa else teacher.config.num_labels
+    width = settings.max_seq_length if qa else teacher.config.num_labels
     fic = "fic" in banks
     tap = RepresentationTap(teacher, encoding["pooling"]) if fic else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -32,27 +33,47 @@ def has_wandb_key() -> bool:
         return False
 
 
-def start(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """Start tracking for this run; returns the Trainer's `report_to`."""
-    if cfg.logger.name == "none":
-        return []
-    if cfg.logger.name != "wandb":
-        from cap.errors import UserError
+@dataclass(frozen=True)
+class TrackingSettings:
+    """What tracking needs of the config (`logger.*`), built once: where the W&B run goes, its group and tags (the
+    user's first, then `run_tags`), its name's prefix, the whole config it records, and what a model artifact's
+    metadata says (`logger.log_model`)."""
+    wandb: bool = False
+    project: str | None = None
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    name: str = ""
+    config: dict = field(default_factory=dict)
+    log_model: bool = False
+    model_metadata: dict = field(default_factory=dict)
 
-        raise UserError(f"unknown logger '{cfg.logger.name}': use logger=wandb or logger=none")
-    if not this_process().main:
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> TrackingSettings:
+        if cfg.logger.name != "wandb":  # logger=none (cap.checks refuses any other name)
+            return cls()
+        user_tags = [str(t) for t in cfg.logger.tags]
+        return cls(wandb=True, project=cfg.logger.project, entity=cfg.logger.entity,
+                   group=run_group(cfg, _hydra_config()),
+                   tags=user_tags + [t for t in run_tags(cfg) if t not in user_tags],
+                   name=f"{cfg.task.name}-{cfg.method.name}", config=OmegaConf.to_container(cfg, resolve=True),
+                   log_model=bool(OmegaConf.select(cfg, "logger.log_model", default=False)),
+                   model_metadata={"task": cfg.task.name, "method": cfg.method.name, "seed": cfg.seed,
+                                   "sparsity": nominal_sparsity(cfg)})
+
+
+def start(settings: TrackingSettings, run_dir: Path) -> list[str]:
+    """Start tracking for this run; returns the Trainer's `report_to`."""
+    if not settings.wandb or not this_process().main:
         return []
     import wandb
 
     if not os.environ.get("WANDB_MODE") and not has_wandb_key():
         os.environ["WANDB_MODE"] = "offline"
         print(f"W&B: no API key found, logging offline under {run_dir}/wandb (upload later with `wandb sync`)")
-    user_tags = [str(t) for t in cfg.logger.tags]
     wandb.init(
-        project=cfg.logger.project, entity=cfg.logger.entity, group=run_group(cfg, _hydra_config()),
-        tags=user_tags + [t for t in run_tags(cfg) if t not in user_tags], dir=str(run_dir),
-        name=f"{cfg.task.name}-{cfg.method.name}-{Path(run_dir).name}",
-        config=OmegaConf.to_container(cfg, resolve=True), resume="allow",
+        project=settings.project, entity=settings.entity, group=settings.group, tags=settings.tags,
+        dir=str(run_dir), name=f"{settings.name}-{Path(run_dir).name}", config=settings.config, resume="allow",
         id=_run_id(run_dir),
     )
     return ["wandb"]
@@ -186,10 +207,10 @@ def log_summary(metrics: dict[str, float]) -> None:
         wandb.run.summary.update(metrics)
 
 
-def log_models(cfg: DictConfig, run_dir: Path) -> list[str]:
+def log_models(settings: TrackingSettings, run_dir: Path) -> list[str]:
     """With `logger.log_model=true`, the run's saved models (`model/`, `export/`, `sparse/`, each with its model card)
     as W&B artifacts of type `model`; returns their names (none without an active run)."""
-    if cfg.logger.name != "wandb" or not OmegaConf.select(cfg, "logger.log_model", default=False):
+    if not (settings.wandb and settings.log_model):
         return []
     import wandb
 
@@ -198,9 +219,8 @@ def log_models(cfg: DictConfig, run_dir: Path) -> list[str]:
     names = []
     for folder in (Path(run_dir) / name for name in ("model", "export", "sparse")):
         if folder.is_dir():
-            artifact = wandb.Artifact(f"{wandb.run.id}-{folder.name}", type="model", metadata={
-                "task": cfg.task.name, "method": cfg.method.name, "seed": cfg.seed,
-                "sparsity": nominal_sparsity(cfg), "folder": folder.name})
+            artifact = wandb.Artifact(f"{wandb.run.id}-{folder.name}", type="model",
+                                      metadata={**settings.model_metadata, "folder": folder.name})
             artifact.add_dir(str(folder))
             wandb.log_artifact(artifact)
             names.append(artifact.name)

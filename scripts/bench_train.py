@@ -44,7 +44,7 @@ from cap.pruning import StructuredMasks
 from cap.pruning.movement import MovementScores
 from cap.recipes.cap_f import unit_importance
 from cap.recipes.common import prepare, pruning_trainer
-from cap.teacher import teacher_pass
+from cap.teacher import TeacherPassSettings, teacher_pass
 
 from interleaved import interleaved_rounds
 
@@ -139,8 +139,8 @@ class Bench:
         precision = cfg.trainer.precision
         if precision not in self.cached:
             start = time.perf_counter()
-            self.cached[precision] = teacher_pass(cfg, self.setup, {}, self.scratch / f"logits-{precision}",
-                                                  torch.device("cpu"))
+            self.cached[precision] = teacher_pass(TeacherPassSettings.from_config(cfg), self.setup, {},
+                                                  self.scratch / f"logits-{precision}", torch.device("cpu"))
             self.teacher_pass_s[precision] = round(time.perf_counter() - start, 2)
         return self.cached[precision]
 

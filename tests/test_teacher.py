@@ -7,7 +7,7 @@ from helpers import composed, tiny_overrides
 
 from cap.methods import training_arguments
 from cap.recipes.common import prepare, pruning_trainer
-from cap.teacher import LOGITS_FILE, teacher_pass
+from cap.teacher import LOGITS_FILE, TeacherPassSettings, teacher_pass
 
 
 def _setup(overrides, teacher_path):
@@ -45,7 +45,7 @@ def test_the_cached_teacher_gives_the_kd_loss_of_running_it(task, tiny_model_dir
                                                            squad_teacher_dir, data_dir, tmp_path):
     teacher = sst2_teacher_dir if task == "sst2" else squad_teacher_dir
     cfg, setup = _setup([*tiny_overrides(tiny_model_dir, task), "data.group_by_length=true"], teacher)
-    outputs = teacher_pass(cfg, setup, {}, tmp_path / "banks", torch.device("cpu"))
+    outputs = teacher_pass(TeacherPassSettings.from_config(cfg), setup, {}, tmp_path / "banks", torch.device("cpu"))
     assert outputs is not None and (tmp_path / "banks" / LOGITS_FILE).exists()
     n = len(setup.data.train)
     if task == "squad":
@@ -62,25 +62,29 @@ def test_the_teacher_pass_fills_fic_and_a_resumed_run_loads_both(tiny_model_dir,
 
     cfg, setup = _setup(tiny_overrides(tiny_model_dir, "sst2"), sst2_teacher_dir)
     cfg.contrast.enabled = True
-    banks = build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1)
-    first = teacher_pass(cfg, setup, banks, tmp_path, torch.device("cpu"))
+    settings = TeacherPassSettings.from_config(cfg)
+
+    def fresh_banks():
+        return build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1)
+
+    banks = fresh_banks()
+    first = teacher_pass(settings, setup, banks, tmp_path, torch.device("cpu"))
     fic = encode_vectors(setup.teacher, setup.data.train, setup.collator, pooling=cfg.contrast.pooling)
     assert torch.allclose(banks["fic"].view()[:, 0].float(), fic, atol=1e-3)  # the bank stores float16
-    again = build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1)
-    second = teacher_pass(cfg, setup, again, tmp_path, torch.device("cpu"))
+    again = fresh_banks()
+    second = teacher_pass(settings, setup, again, tmp_path, torch.device("cpu"))
     assert "loaded from" in capsys.readouterr().out
     assert torch.equal(first.logits["logits"], second.logits["logits"])
     assert torch.equal(banks["fic"].view(), again["fic"].view())
     (tmp_path / LOGITS_FILE).write_bytes(b"damaged")  # a damaged file is not used: the pass runs again
-    third = teacher_pass(cfg, setup, build_banks(BankSettings.from_config(cfg), setup.data, setup.model.config.hidden_size, 1), tmp_path,
-                         torch.device("cpu"))
+    third = teacher_pass(settings, setup, fresh_banks(), tmp_path, torch.device("cpu"))
     assert torch.equal(first.logits["logits"], third.logits["logits"])
 
 
 def test_without_the_cache_or_kd_nothing_is_cached(tiny_model_dir, sst2_teacher_dir, data_dir, tmp_path):
     cfg, setup = _setup(tiny_overrides(tiny_model_dir, "sst2"), sst2_teacher_dir)
     cfg.teacher.cache_outputs = False
-    assert teacher_pass(cfg, setup, {}, tmp_path, torch.device("cpu")) is None
+    assert teacher_pass(TeacherPassSettings.from_config(cfg), setup, {}, tmp_path, torch.device("cpu")) is None
     cfg.teacher.cache_outputs, cfg.kd.weight = True, 0.0
-    assert teacher_pass(cfg, setup, {}, tmp_path, torch.device("cpu")) is None
+    assert teacher_pass(TeacherPassSettings.from_config(cfg), setup, {}, tmp_path, torch.device("cpu")) is None
     assert not (tmp_path / LOGITS_FILE).exists()

@@ -189,7 +189,9 @@ def test_user_tags_are_kept_before_the_computed_ones(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs))
     from cap import tracking
 
-    tracking.start(composed(["method=cap_m", "logger=wandb", "logger.tags=[mine,seed:42]"]), tmp_path)
+    settings = tracking.TrackingSettings.from_config(composed(["method=cap_m", "logger=wandb",
+                                                               "logger.tags=[mine,seed:42]"]))
+    tracking.start(settings, tmp_path)
     assert seen["tags"] == ["mine", "seed:42", "task:sst2", "method:cap_m", "sparsity:0.9", "ablation:full"]
     assert seen["group"] is None
 

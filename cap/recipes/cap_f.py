@@ -23,27 +23,29 @@ from cap.pruning import (Packing, StructuredMasks, compute_importance, mask_shap
                          select_heads, select_neurons)
 from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
-from cap.stages import StructuredStage
-from cap.teacher import teacher_pass
+from cap.stages import StageSettings, StructuredStage
+from cap.teacher import TeacherPassSettings, teacher_pass
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     sequence = [float(p) for p in cfg.prune.sequence]  # checked before (cap.checks.validate)
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data, bank_settings = setup.model, setup.data, BankSettings.from_config(cfg)
+    stage_settings = StageSettings.from_config(cfg)
     n_layers, n_heads, n_neurons = mask_shapes(model)
     targets = pruning_targets(n_layers * n_heads, n_layers * n_neurons, sequence)
     masks = StructuredMasks.from_model(model).apply(model)
     banks = build_banks(bank_settings, data, model.config.hidden_size, len(sequence) - 1)
-    report_to = tracking.start(cfg, run_dir)
+    tracked = tracking.TrackingSettings.from_config(cfg)
+    report_to = tracking.start(tracked, run_dir)
     device = training_arguments(cfg, run_dir, []).device  # also joins the process group under torchrun/accelerate
     model.to(device)
     # FiC: the fine-tuned teacher, encoded once (§4); with teacher.cache_outputs its logits from the same pass
-    teacher_outputs = teacher_pass(cfg, setup, banks, run_dir / "banks", device)
+    teacher_outputs = teacher_pass(TeacherPassSettings.from_config(cfg), setup, banks, run_dir / "banks", device)
 
     rows, trained = [], False
     for step, (sparsity, target) in enumerate(zip(sequence, targets)):
-        stage = StructuredStage(run_dir, sparsity, cfg, banks)
+        stage = StructuredStage(run_dir, sparsity, stage_settings, banks)
         if stage.done():  # finished by an earlier attempt: its weights, masks and banks as it left them
             rows += stage.restore(model, masks)
             continue
@@ -66,7 +68,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     stage.publish_model(again=trained)  # the run's model: the last, most pruned stage
     if not trained:
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
-    tracking.log_models(cfg, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
+    tracking.log_models(tracked, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return rows
 

@@ -17,21 +17,21 @@ from cap.precision import resolve_config
 from cap.recipes import summary
 from cap.methods import metric_rows, training_arguments
 from cap.recipes.common import loss_weights, prepare
-from cap.stages import Stage
+from cap.stages import Stage, StageSettings
 from cap.trainer import CAPTrainer
 
 DONE = "DONE"
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
-    model_dir, stage = run_dir / "model", Stage(run_dir, cfg)
+    model_dir, stage = run_dir / "model", Stage(run_dir, StageSettings.from_config(cfg))
     if cfg.trainer.resume and (model_dir / DONE).exists():
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
         stage.drop_checkpoints()  # what a kill during the deletion left
         return read_json(run_dir / "metrics.json", [])
-    setup = prepare(cfg)
+    setup, tracked = prepare(cfg), tracking.TrackingSettings.from_config(cfg)
     last = stage.checkpoint()
-    args = training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir))
+    args = training_arguments(cfg, stage.checkpoints, tracking.start(tracked, run_dir))
     trainer = CAPTrainer(
         model=setup.model, args=args, train_dataset=setup.data.train, data_collator=setup.collator,
         processing_class=setup.tokenizer, weights=loss_weights(cfg), teacher=setup.teacher,
@@ -46,14 +46,14 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     tmp = run_dir / "model.tmp"
     trainer.save_model(str(tmp))  # the main process writes (the Trainer's rule, as ours)
     if stage.writes:
-        write_card(tmp, cfg, rows)
+        write_card(tmp, stage.card, rows)
         write_json_atomic(run_dir / "metrics.json", rows)  # a resumed run rewrites its single final row
         tracking.log_summary({f"{r['split']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, float)})
         (tmp / DONE).touch()
         publish_dir(tmp, model_dir)
     barrier()  # the others read the model once it is in place
     stage.drop_checkpoints()  # the run is finished once model/DONE is in place
-    tracking.log_models(cfg, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
+    tracking.log_models(tracked, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return rows
 

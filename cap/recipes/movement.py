@@ -27,8 +27,8 @@ from cap.methods import metric_rows, nominal_sparsity, training_arguments
 from cap.pruning.movement import MovementScores, PruneSchedule, SparsityController
 from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
-from cap.stages import MovementStage
-from cap.teacher import teacher_pass
+from cap.stages import MovementStage, StageSettings
+from cap.teacher import TeacherPassSettings, teacher_pass
 
 OFF_NOMINAL = 0.005      # a final sparsity further than this from the nominal one is warned about
 NOTHING_PRUNED = 0.01    # ... and, without a nominal one (CAP-soft without a target), a final sparsity below this
@@ -126,7 +126,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     """The config was checked before (`cap.checks.validate`: the levels, and the schedule wherever the number of
     training features is known without tokenising)."""
     p = cfg.prune
-    stage = MovementStage(run_dir, cfg)
+    stage = MovementStage(run_dir, StageSettings.from_config(cfg))
     if stage.finished():
         print(f"already finished: {run_dir} (trainer.resume=false starts over)")
         return stage.rows()
@@ -138,9 +138,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     if short_ramp:
         warnings.warn(short_ramp, stacklevel=1)
     scores = MovementScores.attach(model, p.criterion, granularity=p.granularity)
-    bank_settings = BankSettings.from_config(cfg)
+    bank_settings, tracked = BankSettings.from_config(cfg), tracking.TrackingSettings.from_config(cfg)
     banks = build_banks(bank_settings, data, model.config.hidden_size, max(cfg.trainer.epochs - 1, 0))
-    args = training_arguments(cfg, stage.checkpoints, tracking.start(cfg, run_dir))
+    args = training_arguments(cfg, stage.checkpoints, tracking.start(tracked, run_dir))
     controller = None
     if p.target_sparsity is not None:
         controller = SparsityController(p.target_sparsity, p.final_lambda, p.final, total_steps)
@@ -155,7 +155,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     optimizer = torch.optim.AdamW(scores.param_groups(lr=args.learning_rate, weight_decay=args.weight_decay,
                                                       score_lr=p.score_lr), eps=args.adam_epsilon)
     # FiC: the fine-tuned teacher, encoded once (§4); with teacher.cache_outputs its logits from the same pass
-    teacher_outputs = teacher_pass(cfg, setup, banks, stage.banks, args.device)
+    teacher_outputs = teacher_pass(TeacherPassSettings.from_config(cfg), setup, banks, stage.banks, args.device)
     callbacks = [schedule, evaluation, CrashPoints(), *tracking.callbacks(args.report_to, run_dir)]
     trainer = pruning_trainer(cfg, setup, args, banks, regularizer=regularizer, log_extras=schedule.log_values,
                               optimizers=(optimizer, None), callbacks=callbacks, teacher_outputs=teacher_outputs)
@@ -172,6 +172,6 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     unit_masks = scores.unit_masks() if p.granularity != "element" else None
     scores.fold()
     stage.save_result(model, setup.tokenizer, notes, unit_masks)
-    tracking.log_models(cfg, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
+    tracking.log_models(tracked, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return stage.rows()
