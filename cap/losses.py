@@ -49,9 +49,10 @@ def withheld_gradient(term: torch.Tensor, params) -> torch.Tensor:
 
 def gradient_balance(task: torch.Tensor, contrast: torch.Tensor, params, parts=None) -> dict[str, float]:
     """How the two parts of CAP's loss pull on `params`: the norms of the gradients of `task` (the weighted CE+KD)
-    and of `contrast` (the weighted contrastive terms), and the cosine between them. `parts` maps a name to a boolean per parameter
-    (e.g. `scores`: "is a movement score"): the same three figures for those parameters alone, suffixed `_<name>`,
-    from the same gradients. The graph is kept, so the training step's own backward can follow; `.grad` is left untouched."""
+    and of `contrast` (the weighted contrastive terms), and the cosine between them. `parts` maps a name to a boolean
+    per parameter (e.g. `scores`: "is a movement score"): the same three figures for those parameters alone, suffixed
+    `_<name>`, from the same gradients. The graph is kept, so the training step's own backward can follow; `.grad`
+    is left untouched."""
     params = list(params)
 
     def flat(loss):

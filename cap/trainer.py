@@ -61,7 +61,8 @@ class CAPTrainer(Trainer):
     Contrastive terms are computed in training only (evaluation batches carry no contrastive term). At every logging
     step the gradients of the task part (ce·CE + kd·KD) and of the contrastive part w.r.t. the encoder are compared
     (`grad_norm_task`, `grad_norm_contrast`, `grad_cosine`: `cap.losses.gradient_balance`), on a single process;
-    for a movement method also for the scores and the weights apart (`grad_norm_task_scores`, ..., `grad_cosine_weights`).
+    for a movement method also for the scores and the weights apart (`grad_norm_task_scores`, ...,
+    `grad_cosine_weights`). `contrast.reaches` keeps the contrastive gradient from the scores or from the weights.
 
     With `teacher_outputs` (cap.teacher) the teacher's logits are looked up by example id instead of recomputed.
     The student's and teacher's forwards run under the precision's autocast; the losses stay fp32 (spec Q21).
@@ -239,9 +240,10 @@ class CAPTrainer(Trainer):
         loss = self.weighted(terms)
         contrast = self.weighted({k: terms[k] for k in self.banks if k in terms})
         if model.training and self.contrast.reaches != "both" and torch.is_tensor(contrast):
-            withheld = "weights" if self.contrast.reaches == "scores" else "scores"
-            loss = loss + withheld_gradient(contrast, [p for n, p in self.model.named_parameters()
-                                                       if p.requires_grad and ("scores" in n) == (withheld == "scores")])
+            from_scores = self.contrast.reaches == "weights"  # reaching the weights only: kept from the scores
+            kept_from = [p for n, p in self.model.named_parameters()
+                         if p.requires_grad and ("scores" in n) == from_scores]
+            loss = loss + withheld_gradient(contrast, kept_from)
         if model.training and self._logs_after_this_update() and set(terms) & set(self.banks):
             task = self.weighted({k: terms[k] for k in TASK_TERMS if k in terms})
             if torch.is_tensor(task) and self.args.world_size == 1:  # autograd.grad would bypass DDP's reducer
