@@ -148,18 +148,20 @@ def plot(records: list[dict], path: Path, title: str, curves=CURVES) -> None:
     if not seed1:
         return
     panels = curves + [("accuracy", "dev accuracy (%) per epoch")]
+    colors = {r["arm"]: f"C{i}" for i, r in enumerate(seed1)}  # an arm's colour is the same in every panel
     fig = figure(18, 3.5 * -(-(len(panels) + 1) // 4))
     axes = fig.subplots(-(-(len(panels) + 1) // 4), 4)
     for ax, (key, name) in zip(axes.flat, panels):
         for r in seed1:
             points = r["epochs"] if key == "accuracy" else curve(r["log"], key)
             if points:
-                ax.plot(*zip(*points), label=r["arm"], **({"marker": "o"} if key == "accuracy" else {}))
+                ax.plot(*zip(*points), label=r["arm"], color=colors[r["arm"]],
+                        **({"marker": "o"} if key == "accuracy" else {}))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch" if key == "accuracy" else "update")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = axes.flat[len(panels) - 1].get_legend_handles_labels()  # the accuracy panel has every arm
     list(axes.flat)[-1].legend(handles, labels, fontsize=7, loc="center")
     fig.suptitle(title)
     fig.tight_layout()
