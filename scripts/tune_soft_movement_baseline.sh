@@ -16,8 +16,8 @@
 # Phase mechanism (dev, once per run; only when asked for), seeds 1-3, each against the chosen baseline and CAP-soft
 # (mechanism.md, mechanism.png), in this order (a session may end between groups; re-running resumes): CAP-soft at
 # the baseline's score lr (the two arms' one other difference); without the supervised term, without the
-# unsupervised term; its contrastive gradients kept from the scores or from the weights (contrast.reaches); the
-# chosen baseline with structured scores; CAP-soft with PrC, SnC or FiC alone.
+# unsupervised term; its contrastive gradients kept from the scores or from the weights (contrast.reaches); soft
+# movement at CAP-soft's score lr; the chosen baseline with structured scores; CAP-soft with PrC, SnC or FiC alone.
 # Usage: scripts/tune_soft_movement_baseline.sh [work dir, default multiruns/minilm-sst2-soft-baseline]
 #        [--phase select|dev|both|mechanism (default both: select, then dev)] [--report-only]
 set -euo pipefail
@@ -60,6 +60,13 @@ if [[ $phase == mechanism ]]; then
         # through what: the contrastive gradients kept from the movement scores, or from the weights
         run mechanism seed=1,2,3 contrast.enabled=true contrast.reaches=weights
         run mechanism seed=1,2,3 contrast.enabled=true contrast.reaches=scores
+        # the other half of the score lr question: soft movement at CAP-soft's score lr (the chosen loss balance)
+        balance=$(python -c "import json, sys; print(' '.join(o for o in json.load(open(sys.argv[1]))['overrides']
+            if not o.startswith('prune.score_lr=')))" "$out/choice.json")
+        preset_lr=$(python -c "from omegaconf import OmegaConf; import sys; print(OmegaConf.load(sys.argv[1]).prune.score_lr)" \
+            "$repo/conf/experiment/minilm/sst2_cap_soft.yaml")
+        # shellcheck disable=SC2086
+        run mechanism seed=1,2,3 contrast.enabled=false prune.score_lr="$preset_lr" $balance
         # does a collapse belong to element scores: the chosen baseline with one score per head and FFN neuron
         # shellcheck disable=SC2086
         run mechanism seed=1,2,3 contrast.enabled=false prune.granularity=structured $choice
