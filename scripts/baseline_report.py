@@ -215,9 +215,42 @@ def mechanism_table(mechanism: list[dict], dev: list[dict], path: Path) -> None:
     lines = [f"# Phase mechanism: which term, on the dev set (final epoch), against {base_arm}", ""]
     lines += markdown_table(["arm", "seeds", "accuracy (%) mean ± std", "final sparsity (mean)",
                              "minus the baseline, paired by seed (points)", "minus CAP-soft, paired (points)"], rows)
-    lines += ["", f"The baseline: {fmt_values(base.values())} % over seeds {sorted(base)}."]
+    lines += ["", f"The baseline: {fmt_values(base.values())} % over seeds {sorted(base)}.", ""]
+    lines += pulls_table(mechanism)
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
+
+
+PHASES = [(0, 2, "epochs 1-2"), (2, 6, "epochs 3-6"), (6, 10, "epochs 7-10")]  # the preset's 10 epochs: dense (τ, λ
+# at 0 until update 2W), pruning, the last pruning and the end
+
+
+def pulls_table(records: list[dict]) -> list[str]:
+    """Where each arm's contrastive gradient goes, from the logged balance (every 10 updates): per phase, the ratio of
+    its norm to the task gradient's on the scores and on the weights, and their cosines, each the mean over the
+    phase's logged updates, then over the seeds (arms run before the split was logged have no row)."""
+    rows = []
+    for arm in sorted({r["arm"] for r in records}):
+        logs = [[e for e in r["log"] if "grad_norm_task_scores" in e] for r in records if r["arm"] == arm]
+        logs = [log for log in logs if log]
+        if not logs:
+            continue
+        row = [arm, len(logs)]
+        for lo, hi, _ in PHASES:
+            cells = []
+            for key in ("pull_scores", "pull_weights", "grad_cosine_scores", "grad_cosine_weights"):
+                per_seed = [statistics.mean(v for u, v in curve([e for e in log if lo < e["epoch"] <= hi], key))
+                            for log in logs]
+                cells.append(f"{statistics.mean(per_seed):.2f}")
+            row.append(" / ".join(cells))
+        rows.append(row)
+    if not rows:
+        return []
+    lines = ["Where the contrastive gradient goes (the logged gradient balance; per phase: its norm over the task "
+             "gradient's on the scores / on the weights, then the cosine between the two on the scores / on the "
+             "weights; the mean over the logged updates, then over the seeds; with `contrast.reaches` the pull as "
+             "computed, before it is withheld from one part):", ""]
+    return lines + markdown_table(["arm", "seeds", *(name for _, _, name in PHASES)], rows)
 
 
 if __name__ == "__main__":

@@ -315,9 +315,10 @@ def test_baseline_report_chooses_on_trainval_then_reads_dev_and_the_mechanism_ag
     fake_run(runs / "mechanism/reaches-1", "sst2", "cap_soft", 1, soft_rows([0.75]), hydra=False,
              **{**cap, "prune": {"score_lr": 0.01, "granularity": "element"},
                 "contrast": {**cap["contrast"], "reaches": "weights"}})
-    log = [{"update": u, "loss": 1.0, "grad_norm_task_scores": 2.0, "grad_norm_contrast_scores": u,
+    log = [{"update": u, "epoch": epoch, "loss": 1.0, "grad_norm_task_scores": 2.0, "grad_norm_contrast_scores": u,
             "grad_norm_task_weights": 1.0, "grad_norm_contrast_weights": 0.5, "grad_cosine_scores": 0.1,
-            "grad_cosine_weights": -0.1, "loss_ce": 0.5, "sparsity_entries": 0.1 * u} for u in (1, 2)]
+            "grad_cosine_weights": -0.1, "loss_ce": 0.5, "sparsity_entries": 0.1 * u}
+           for u, epoch in ((1, 1.0), (2, 4.0), (3, 8.0))]  # one logged update in each phase
     (runs / "mechanism/reaches-1/trainer_log.jsonl").write_text("\n".join(json.dumps(e) for e in log))
     report()
     assert "CAP-soft minus the baseline, paired by seed [1, 2]: 2.50 ± 0.71 points ([2.0, 3.0])" in \
@@ -332,6 +333,9 @@ def test_baseline_report_chooses_on_trainval_then_reads_dev_and_the_mechanism_ag
     assert "| structured soft movement prune.score_lr=0.01 ce.weight=0.1 kd.weight=0.9 | [1, 2] | 71.00 ± 1.41 | " \
            "0.85 | -9.50 ± 0.71 ([1, 2]) |" in mechanism
     assert (out / "mechanism.png").stat().st_size > 0
+    # where its contrastive gradient goes, per phase: scores / weights pull, then their cosines
+    assert "| CAP-soft (score_lr=0.01, reaches the weights only) | 1 | 0.50 / 0.50 / 0.10 / -0.10 | " \
+           "1.00 / 0.50 / 0.10 / -0.10 | 1.50 / 0.50 / 0.10 / -0.10 |" in mechanism
 
 
 def test_the_committed_soft_movement_baseline_study_is_what_its_runs_give(tmp_path):
