@@ -23,6 +23,8 @@
 set -euo pipefail
 STUDY=minilm-sst2-soft-baseline
 source "$(dirname "$0")/study.sh" "$@"
+# the chosen baseline's overrides (choice.json), one per line
+chosen() { python -c "import json, sys; print('\n'.join(json.load(open(sys.argv[1]))['overrides']))" "$out/choice.json"; }
 run() {
     (cd "$work" && python -m cap -m experiment=minilm/sst2_cap_soft data.seed=42 teacher.seed=42 \
         trainer.precision=auto data.group_by_length=false trainer.logging_steps=10 \
@@ -40,7 +42,7 @@ fi
 collect "$work/sweeps/select" "$out/runs/select"
 python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"
 if ! $report_only && [[ $phase != select ]]; then
-    choice=$(python -c "import json, sys; print(' '.join(json.load(open(sys.argv[1]))['overrides']))" "$out/choice.json")
+    choice=$(chosen)
     # shellcheck disable=SC2086
     run dev seed=1,2,3 contrast.enabled=false $choice
     run dev seed=1,2,3 contrast.enabled=true
@@ -49,9 +51,7 @@ if ! $report_only && [[ $phase != select ]]; then
 fi
 if [[ $phase == mechanism ]]; then
     if ! $report_only; then
-        choice=$(python -c "import json, sys; print(' '.join(json.load(open(sys.argv[1]))['overrides']))" "$out/choice.json")
-        score_lr=$(python -c "import json, sys; print(next(o for o in json.load(open(sys.argv[1]))['overrides']
-            if o.startswith('prune.score_lr=')))" "$out/choice.json")
+        choice=$(chosen) score_lr=$(chosen | grep '^prune.score_lr=') balance=$(chosen | grep -v '^prune.score_lr=')
         # the arms' other difference: CAP-soft at the baseline's score lr
         run mechanism seed=1,2,3 contrast.enabled=true "$score_lr"
         # which term: CAP-soft without the supervised or the unsupervised term
@@ -61,8 +61,6 @@ if [[ $phase == mechanism ]]; then
         run mechanism seed=1,2,3 contrast.enabled=true contrast.reaches=weights
         run mechanism seed=1,2,3 contrast.enabled=true contrast.reaches=scores
         # the other half of the score lr question: soft movement at CAP-soft's score lr (the chosen loss balance)
-        balance=$(python -c "import json, sys; print(' '.join(o for o in json.load(open(sys.argv[1]))['overrides']
-            if not o.startswith('prune.score_lr=')))" "$out/choice.json")
         preset_lr=$(python -c "from omegaconf import OmegaConf; import sys; print(OmegaConf.load(sys.argv[1]).prune.score_lr)" \
             "$repo/conf/experiment/minilm/sst2_cap_soft.yaml")
         # shellcheck disable=SC2086
