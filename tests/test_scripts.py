@@ -72,27 +72,38 @@ def test_movement_scores_are_learned_per_matrix(sst2_teacher_dir, data_dir):
     assert all(torch.equal(first[n], again[n]) for n in first)
 
 
-def test_scale_report_pairs_cap_f_with_its_baseline_per_size_sparsity_and_seed(tmp_path):
+def test_scale_report_pairs_each_cap_f_arm_with_its_baseline_per_size_path_sparsity_and_seed(tmp_path):
     import csv
 
-
     runs = tmp_path / "runs"
+    paper = {"contrast": {"pooling": "cls", "unsup_weight": 0.3}}
+    chosen = {"contrast": {"pooling": "auto", "unsup_weight": 0.03}}
+    new_path = {"trainer": {"batch_size": 16, "precision": "auto"}, "data": {"group_by_length": True}}
     accuracies = {(1000, 1): (0.70, 0.60, 0.78, 0.74), (1000, 2): (0.72, 0.62, 0.76, 0.70),
                   (8000, 1): (0.80, 0.78, 0.79, 0.75)}  # CAP-f 50/90 %, then the baseline's
     for (size, seed), (f50, f90, b50, b90) in accuracies.items():
         common = {"data": {"max_train_samples": size}, "trainer": {"batch_size": 16}, "prune": {"retrain_epochs": 2}}
-        fake_run(runs / f"f{size}-{seed}", "sst2", "cap_f", seed, cap_f_rows(f50, f90), **common)
+        fake_run(runs / f"f{size}-{seed}", "sst2", "cap_f", seed, cap_f_rows(f50, f90), **common, **paper)
         fake_run(runs / f"b{size}-{seed}", "sst2", "cap_f", seed, cap_f_rows(b50, b90),
-                 contrast={"enabled": False}, **common)
+                 **{**common, "contrast": {"enabled": False}})
+    # the 8,000-sentence size again on the new path, the chosen setting beside the paper's: never averaged with fp32
+    common = {"data": {"max_train_samples": 8000, "group_by_length": True}, "prune": {"retrain_epochs": 2},
+              "trainer": new_path["trainer"]}
+    fake_run(runs / "n-paper", "sst2", "cap_f", 1, cap_f_rows(0.81, 0.77), **common, **paper)
+    fake_run(runs / "n-chosen", "sst2", "cap_f", 1, cap_f_rows(0.83, 0.80), **common, **chosen)
+    fake_run(runs / "n-base", "sst2", "cap_f", 1, cap_f_rows(0.82, 0.76), **{**common, "contrast": {"enabled": False}})
+    fake_run(runs / "n-unpaired", "sst2", "cap_f", 2, cap_f_rows(0.5, 0.5), **common, **chosen)  # no seed-2 baseline
     out = script_module("scale_report").main([str(runs), "--out", str(tmp_path / "out")])
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and set(rows[0]) >= {"train_samples", "updates_per_step", "seed", "gap"}
+    assert len(rows) == 10 and set(rows[0]) >= {"train_samples", "updates_per_step", "path", "arm", "seed", "gap"}
     row = next(r for r in rows if (r["train_samples"], r["sparsity"], r["seed"]) == ("1000", "0.9", "2"))
-    assert (row["updates_per_step"], float(row["gap"])) == ("126", -8.0)  # ceil(1000 / 16) * 2; 62 - 70
+    assert (row["updates_per_step"], row["path"], float(row["gap"])) == ("126", "fp32", -8.0)  # ceil(1000/16)*2
     gap = (out / "gap.md").read_text()
-    assert "| 1000 | 126 | 0.5 | 2 | 71.00 ± 1.41 | 77.00 ± 1.41 | -6.00 ± 2.83 |" in gap
-    assert "| 8000 | 1000 | 0.9 | 1 | 78.00 | 75.00 | +3.00 |" in gap
+    assert "| 1000 | 126 | fp32 | CAP-f (cls, unsup 0.3) | 0.5 | 2 | 71.00 ± 1.41 | 77.00 ± 1.41 | -6.00 ± 2.83 |" in gap
+    assert "| 8000 | 1000 | fp32 | CAP-f (cls, unsup 0.3) | 0.9 | 1 | 78.00 | 75.00 | +3.00 |" in gap
+    assert "| 8000 | 1000 | auto, length-grouped | CAP-f (auto, unsup 0.03) | 0.9 | 1 | 80.00 | 76.00 | +4.00 |" in gap
+    assert "| 8000 | 1000 | auto, length-grouped | CAP-f (cls, unsup 0.3) | 0.5 | 1 | 81.00 | 82.00 | -1.00 |" in gap
     assert (out / "gap.png").read_bytes()[:4] == b"\x89PNG"
 
 
