@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CAP nearer the paper's budget (issue #28): the scale study (results/minilm-sst2-scale/) at 8,000 sentences with
 # three seeds and at 32,000, and movement pruning at about 5,000 updates. SST-2, MiniLM, the full dev set read once
-# per run (every epoch for the movement runs); no setting chosen on dev. One teacher per training-set size (subset and
+# per run (every epoch for the movement runs); no setting chosen on dev. The runs extend results/minilm-sst2-scale/
+# and results/minilm-sst2-movement/ (see the end). One teacher per training-set size (subset and
 # teacher pinned to seed 42), shared by every arm and seed of that size.
 #
 # Paths. CAP-f runs the new defaults (bf16 where the CPU has it, length-grouped batches, the teacher's outputs
@@ -21,7 +22,7 @@
 #   movement-16k  16,000 sentences, 10 epochs (5,000 updates at batch 32), seed 1: CAP-m, plain movement,
 #                 magnitude Top-K, CAP-soft and soft movement (tuned)                               5 runs x ~75 min
 # About 15 hours in all: several sessions. Not run: the full training set (67,349 sentences) with the paper's own
-# schedule (nine 10 % steps, 2 epochs each, batch 16: 8,418 updates per step), about 3.5 hours per arm on this
+# schedule (nine 10 % steps, 2 epochs each, batch 16: 8,420 updates per step), about 3.5 hours per arm on this
 # machine by the same rates; its command is the `full` group below (`--group full`).
 # Usage: scripts/scale_up_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-scale-up] [--group NAME]
 #        [--report-only]
@@ -65,6 +66,14 @@ print(' '.join(json.load(open(sys.argv[1]))['overrides']))" "$repo/results/minil
             contrast.enabled=true,false hydra.sweep.dir="$work/sweeps/full")
     fi
 fi
-collect "$work/sweeps" "$out/runs"
+# the finished runs extend the committed studies: CAP-f into results/minilm-sst2-scale/runs/<group>, movement into
+# results/minilm-sst2-movement/runs/movement-16k; then both studies' tables and plots are rebuilt
+scale=$repo/results/minilm-sst2-scale movement_out=$repo/results/minilm-sst2-movement
+for g in cap_f-8k chosen-8k cap_f-32k chosen-32k full; do
+    if [[ -d "$work/sweeps/$g" ]]; then collect "$work/sweeps/$g" "$scale/runs/$g"; fi
+done
+if [[ -d "$work/sweeps/movement-16k" ]]; then collect "$work/sweeps/movement-16k" "$movement_out/runs/movement-16k"; fi
 cd "$repo"
-python -m cap.report "$out/runs" --out "$out/report"
+python -m cap.report "$scale/runs" --out "$scale/report"
+python scripts/scale_report.py "$scale/runs" --out "$scale"
+python -m cap.report "$movement_out/runs" --out "$movement_out"
