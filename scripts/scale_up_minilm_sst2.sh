@@ -14,14 +14,14 @@
 # Groups, in this order, each resumable (re-running the script goes on where it stopped); the minutes are estimates
 # from the rates measured on an AMD EPYC with AVX512-BF16 (2 cores: results/bench/train.json, a CAP-f retraining
 # epoch at 129.5 sentences/s, the packed importance pass at 218, encoding at about 420; movement epochs at the
-# tuned-baseline study's pace of about 9 minutes per 2,000-sentence 10-epoch run):
+# tuned-baseline study's pace of about 9.5 minutes per 2,000-sentence 10-epoch run):
 #   cap_f-8k      8,000 sentences (1,000 updates per step), seeds 1-3, CAP-f and the baseline     6 runs x ~9 min
 #   chosen-8k     8,000, seeds 1-3, the selection study's choice (pooling auto, unsup 0.03)      3 runs x ~9 min
 #   cap_f-32k     32,000 sentences (4,000 updates per step), seeds 1-3, CAP-f and the baseline     6 runs x ~36 min
 #   chosen-32k    32,000, seeds 1-3, the choice                                                   3 runs x ~36 min
 #   movement-16k  16,000 sentences, 10 epochs (5,000 updates at batch 32), seed 1: CAP-m, plain movement,
-#                 magnitude Top-K, CAP-soft and soft movement (tuned)                               5 runs x ~75 min
-# About 15 hours in all: several sessions. Not run: the full training set (67,349 sentences) with the paper's own
+#                 magnitude Top-K, CAP-soft and soft movement (tuned)                               5 runs x ~76 min
+# About 13 hours in all, plus one teacher per size: several sessions. Not run: the full training set (67,349 sentences) with the paper's own
 # schedule (nine 10 % steps, 2 epochs each, batch 16: 8,420 updates per step), about 3.5 hours per arm on this
 # machine by the same rates; its command is the `full` group below (`--group full`).
 # Usage: scripts/scale_up_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-scale-up] [--group NAME]
