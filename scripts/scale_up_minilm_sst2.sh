@@ -21,9 +21,9 @@
 #   chosen-32k    32,000, seeds 1-3, the choice                                                   3 runs x ~36 min
 #   movement-16k  16,000 sentences, 10 epochs (5,000 updates at batch 32), seed 1: CAP-m, plain movement,
 #                 magnitude Top-K, CAP-soft and soft movement (tuned)                               5 runs x ~76 min
-# About 13 hours in all, plus one teacher per size: several sessions. Not run: the full training set (67,349 sentences) with the paper's own
-# schedule (nine 10 % steps, 2 epochs each, batch 16: 8,420 updates per step), about 3.5 hours per arm on this
-# machine by the same rates; its command is the `full` group below (`--group full`).
+# About 13 hours in all, plus one teacher per size: several sessions. Not run: the full training set (67,349
+# sentences) with the paper's own schedule (nine 10 % steps, 2 epochs each, batch 16: 8,420 updates per step), about
+# 3.5 hours per arm on this machine by the same rates; its command is the `full` group below (`--group full`).
 # Usage: scripts/scale_up_minilm_sst2.sh [work dir, default multiruns/minilm-sst2-scale-up] [--group NAME]
 #        [--report-only]
 set -euo pipefail
