@@ -9,6 +9,8 @@ found damaged is reported and the step that wrote it done again. `crash_point` n
 """
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,34 @@ class StageSettings:
         return cls(resume=bool(cfg.trainer.resume), keep_checkpoints=bool(cfg.trainer.keep_checkpoints),
                    card=CardSettings.from_config(cfg),
                    element_scores=OmegaConf.select(cfg, "prune.granularity", default="element") == "element")
+
+
+SAVED_CONFIG = Path(".hydra") / "config.yaml"  # Hydra's record of a run's config, rewritten at every launch
+STARTED_CONFIG = Path(".hydra") / "config.started.yaml"  # the record as the run's first launch left it
+
+
+def keep_started_config(run_dir: Path) -> None:
+    """Keep the run's saved config as its first launch wrote it (`.hydra/config.started.yaml`). Hydra writes
+    `.hydra/config.yaml` anew at every launch, a re-launch of a finished run included (a sweep run again to resume
+    its unfinished runs): composed from the defaults of that day, not those the run ran with."""
+    saved, started = run_dir / SAVED_CONFIG, run_dir / STARTED_CONFIG
+    if this_process().main and saved.is_file() and not started.exists():
+        _copy_atomic(saved, started)
+
+
+def already_finished(run_dir: Path) -> str:
+    """The line a re-launched finished run prints. Its `.hydra/config.yaml` is put back to the one it ran with (kept
+    by `keep_started_config`): nothing ran under the new launch's."""
+    saved, started = run_dir / SAVED_CONFIG, run_dir / STARTED_CONFIG
+    if this_process().main and started.is_file() and saved.read_bytes() != started.read_bytes():
+        _copy_atomic(started, saved)
+    return f"already finished: {run_dir} (trainer.resume=false starts over)"
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 class Stage:

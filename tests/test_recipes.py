@@ -1,8 +1,9 @@
-"""cap.recipes: what every run prints (its run dir and final metrics, `already finished` on a re-run, the model line)
-and the sparsity a config aims at."""
+"""cap.recipes: what every run prints (its run dir and final metrics, `already finished` on a re-run, the model line),
+the config a finished run keeps on record when launched again, and the sparsity a config aims at."""
 import logging
 
 import pytest
+from omegaconf import OmegaConf
 
 from helpers import composed, tiny_overrides
 
@@ -39,9 +40,12 @@ def test_summary_shows_the_final_stage_and_its_warnings():
         "  validation (stage 1, sparsity 0.9000): accuracy=0.5000"]
 
 
-def test_a_run_says_its_model_once_prints_its_run_dir_and_a_rerun_says_already_finished(tiny_model_dir, data_dir,
-                                                                                          tmp_path, capfd):
+def test_a_run_says_its_model_once_prints_its_run_dir_and_a_rerun_says_already_finished_keeping_its_config(
+        tiny_model_dir, data_dir, tmp_path, capfd):
     cfg = composed([*tiny_overrides(tiny_model_dir, "sst2"), f"data.dir={data_dir}"])
+    saved = tmp_path / ".hydra" / "config.yaml"  # as Hydra writes it at every launch
+    saved.parent.mkdir()
+    OmegaConf.save(cfg, saved)
     library = []  # what transformers logs: its own handler writes where capfd does not look
     handler = logging.Handler()
     handler.emit = lambda record: library.append(record.getMessage())
@@ -57,7 +61,10 @@ def test_a_run_says_its_model_once_prints_its_run_dir_and_a_rerun_says_already_f
     assert not any("LOAD REPORT" in m for m in library) and "MISSING" not in out + err
     line = f"  validation (stage final, sparsity 0.0000): accuracy={rows[0]['accuracy']:.4f}"
     assert f"run dir: {tmp_path}\n{line}\n" in out
+    ran_with = saved.read_text()
+    saved.write_text(ran_with + "a_default_added_since: 1\n")  # a re-launch composes the defaults of its day
     assert run(cfg, tmp_path) == rows
+    assert saved.read_text() == ran_with  # the record stays the config the run ran with
     out, _ = capfd.readouterr()
     assert out.splitlines() == [f"already finished: {tmp_path} (trainer.resume=false starts over)",
                                 f"run dir: {tmp_path}", line]

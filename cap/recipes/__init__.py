@@ -14,6 +14,7 @@ from cap.errors import UserError
 from cap.methods import RECIPES, ROW_FIELDS
 from cap.models import check_prunable, resolve_pooling
 from cap.precision import resolve_config
+from cap.stages import keep_started_config
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         print(f"contrast.pooling=auto: {cfg.contrast.pooling} (the checkpoint's own sentence representation)")
     resolve_config(cfg)
     record_precision(Path(run_dir), cfg.trainer.precision)
+    keep_started_config(Path(run_dir))
     recipe = importlib.import_module(f"cap.recipes.{RECIPES[cfg.method.name]}")
     rows = recipe.run(cfg, Path(run_dir))
     if this_process().main:

@@ -23,7 +23,7 @@ from cap.pruning import (Packing, StructuredMasks, compute_importance, mask_shap
                          select_heads, select_neurons)
 from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
-from cap.stages import StageSettings, StructuredStage
+from cap.stages import StageSettings, StructuredStage, already_finished
 from cap.teacher import TeacherPassSettings, teacher_pass
 
 
@@ -67,7 +67,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
         rows += stage_rows
     stage.publish_model(again=trained)  # the run's model: the last, most pruned stage
     if not trained:
-        print(f"already finished: {run_dir} (trainer.resume=false starts over)")
+        print(already_finished(run_dir))
     tracking.log_models(tracked, run_dir)  # logger.log_model=true; the main process (the one W&B runs in)
     tracking.finish()
     return rows

@@ -17,7 +17,7 @@ from cap.precision import resolve_config
 from cap.recipes import summary
 from cap.methods import metric_rows, training_arguments
 from cap.recipes.common import loss_weights, prepare
-from cap.stages import Stage, StageSettings
+from cap.stages import Stage, StageSettings, already_finished
 from cap.trainer import CAPTrainer
 
 DONE = "DONE"
@@ -26,7 +26,7 @@ DONE = "DONE"
 def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     model_dir, stage = run_dir / "model", Stage(run_dir, StageSettings.from_config(cfg))
     if cfg.trainer.resume and (model_dir / DONE).exists():
-        print(f"already finished: {run_dir} (trainer.resume=false starts over)")
+        print(already_finished(run_dir))
         stage.drop_checkpoints()  # what a kill during the deletion left
         return read_json(run_dir / "metrics.json", [])
     setup, tracked = prepare(cfg), tracking.TrackingSettings.from_config(cfg)

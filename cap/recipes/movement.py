@@ -27,7 +27,7 @@ from cap.methods import metric_rows, nominal_sparsity, training_arguments
 from cap.pruning.movement import MovementScores, PruneSchedule, SparsityController
 from cap.recipes.common import prepare, pruning_trainer
 from cap.recipes.finetune import ensure_teacher
-from cap.stages import MovementStage, StageSettings
+from cap.stages import MovementStage, StageSettings, already_finished
 from cap.teacher import TeacherPassSettings, teacher_pass
 
 OFF_NOMINAL = 0.005      # a final sparsity further than this from the nominal one is warned about
@@ -128,7 +128,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict]:
     p = cfg.prune
     stage = MovementStage(run_dir, StageSettings.from_config(cfg))
     if stage.finished():
-        print(f"already finished: {run_dir} (trainer.resume=false starts over)")
+        print(already_finished(run_dir))
         return stage.rows()
     setup = prepare(cfg, teacher_path=ensure_teacher(cfg))
     model, data = setup.model, setup.data
