@@ -17,7 +17,8 @@
 # (mechanism.md, mechanism.png), in this order (a session may end between groups; re-running resumes): CAP-soft at
 # the baseline's score lr (the two arms' one other difference); without the supervised term, without the
 # unsupervised term; its contrastive gradients kept from the scores or from the weights (contrast.reaches); soft
-# movement at CAP-soft's score lr; the chosen baseline with structured scores; CAP-soft with PrC, SnC or FiC alone.
+# movement at CAP-soft's score lr; the chosen baseline with structured scores; CAP-soft with PrC, SnC or FiC alone;
+# structured soft movement at CAP-soft's score lr.
 # Usage: scripts/tune_soft_movement_baseline.sh [work dir, default multiruns/minilm-sst2-soft-baseline]
 #        [--phase select|dev|both|mechanism (default both: select, then dev)] [--report-only]
 set -euo pipefail
@@ -72,6 +73,11 @@ if [[ $phase == mechanism ]]; then
         run mechanism seed=1,2,3 contrast.enabled=true contrast.snc=false contrast.fic=false
         run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.fic=false
         run mechanism seed=1,2,3 contrast.enabled=true contrast.prc=false contrast.snc=false
+        # does the collapse at the fast score lr belong to element scores: soft movement at CAP-soft's score lr with
+        # one score per head and FFN neuron (the chosen baseline does not collapse, so its structured twin cannot say)
+        # shellcheck disable=SC2086
+        run mechanism seed=1,2,3 contrast.enabled=false prune.granularity=structured prune.score_lr="$preset_lr" \
+            $balance
     fi
     collect "$work/sweeps/mechanism" "$out/runs/mechanism"
     python "$repo/scripts/baseline_report.py" "$out/runs" --out "$out"
