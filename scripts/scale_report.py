@@ -6,8 +6,8 @@ setting minus its no-contrast baseline, per seed, as the number of updates per p
 Reads the runs with cap.report's collector (so the same runs, splits and metrics). A run's arm is the baseline
 (contrast.enabled=false) or CAP-f labelled by its pooling and unsupervised weight ("CAP-f (cls, unsup 0.3)": the
 paper's settings; "CAP-f (auto, unsup 0.03)": the selection study's choice); its path is its precision and batching
-(the scale study ran fp32 with random batches, the scale-up the defaults: `trainer.precision=auto`, length-grouped
-batches), so runs of one size on different paths are never averaged together. Each CAP-f run is paired with the
+(the scale study ran fp32 with random batches, the scale-up the defaults: the precision `trainer.precision=auto`
+resolved to, length-grouped batches), so runs of one size on different paths are never averaged together. Each CAP-f run is paired with the
 baseline run of the same size, path, seed and sparsity. Writes
   table.csv  one row per (train_samples, path, arm, sparsity, seed): both accuracies and the gap, in points
   gap.md     mean ± sample std of the gap over seeds (n per cell), per size, path, arm and sparsity
@@ -42,7 +42,7 @@ def arm(record: dict) -> str:
 
 
 def path(config: dict) -> str:
-    """The run's precision and batching: "fp32" (the scale study's runs) or e.g. "auto, length-grouped"."""
+    """The run's precision and batching: "fp32" (the scale study's runs) or e.g. "bf16, length-grouped"."""
     grouped = config.get("data.group_by_length", "false") == "true"
     return config.get("trainer.precision", "fp32") + (", length-grouped" if grouped else "")
 
@@ -62,11 +62,10 @@ def pairs(records: list[dict], split: str = "validation", metric: str = "accurac
     rows = []
     for (size, run_path, sparsity, seed), cell in sorted(cells.items()):
         baseline = cell["arms"].pop("baseline", None)
-        for name, accuracy in sorted(cell["arms"].items()):
-            if baseline is not None:
-                rows.append({"train_samples": size, "updates_per_step": cell["updates_per_step"], "path": run_path,
-                             "arm": name, "sparsity": sparsity, "seed": seed, "accuracy": accuracy,
-                             "baseline": baseline, "gap": accuracy - baseline})
+        for name, accuracy in sorted(cell["arms"].items()) if baseline is not None else ():
+            rows.append({"train_samples": size, "updates_per_step": cell["updates_per_step"], "path": run_path,
+                         "arm": name, "sparsity": sparsity, "seed": seed, "accuracy": accuracy,
+                         "baseline": baseline, "gap": accuracy - baseline})
     return rows
 
 
@@ -95,7 +94,7 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines + [
         "", "SST-2 dev accuracy; gap = the arm - the baseline (no contrastive terms, same schedule, same path), "
         "mean ± sample std over seeds (n). Path: the run's precision and batching (fp32: the scale study's runs; "
-        "auto: bf16 where the CPU has it, with length-grouped batches and the teacher's outputs cached). "
+        "bf16 or fp32 with length-grouped batches: the scale-up's defaults, the teacher's outputs cached). "
         f"The paper's budget: about {PAPER_UPDATES_PER_STEP:,} updates per pruning step."]) + "\n"
 
 

@@ -78,7 +78,7 @@ def test_scale_report_pairs_each_cap_f_arm_with_its_baseline_per_size_path_spars
     runs = tmp_path / "runs"
     paper = {"contrast": {"pooling": "cls", "unsup_weight": 0.3}}
     chosen = {"contrast": {"pooling": "auto", "unsup_weight": 0.03}}
-    new_path = {"trainer": {"batch_size": 16, "precision": "auto"}, "data": {"group_by_length": True}}
+    new_path = {"trainer": {"batch_size": 16, "precision": "bf16"}, "data": {"group_by_length": True}}
     accuracies = {(1000, 1): (0.70, 0.60, 0.78, 0.74), (1000, 2): (0.72, 0.62, 0.76, 0.70),
                   (8000, 1): (0.80, 0.78, 0.79, 0.75)}  # CAP-f 50/90 %, then the baseline's
     for (size, seed), (f50, f90, b50, b90) in accuracies.items():
@@ -102,8 +102,8 @@ def test_scale_report_pairs_each_cap_f_arm_with_its_baseline_per_size_path_spars
     gap = (out / "gap.md").read_text()
     assert "| 1000 | 126 | fp32 | CAP-f (cls, unsup 0.3) | 0.5 | 2 | 71.00 ± 1.41 | 77.00 ± 1.41 | -6.00 ± 2.83 |" in gap
     assert "| 8000 | 1000 | fp32 | CAP-f (cls, unsup 0.3) | 0.9 | 1 | 78.00 | 75.00 | +3.00 |" in gap
-    assert "| 8000 | 1000 | auto, length-grouped | CAP-f (auto, unsup 0.03) | 0.9 | 1 | 80.00 | 76.00 | +4.00 |" in gap
-    assert "| 8000 | 1000 | auto, length-grouped | CAP-f (cls, unsup 0.3) | 0.5 | 1 | 81.00 | 82.00 | -1.00 |" in gap
+    assert "| 8000 | 1000 | bf16, length-grouped | CAP-f (auto, unsup 0.03) | 0.9 | 1 | 80.00 | 76.00 | +4.00 |" in gap
+    assert "| 8000 | 1000 | bf16, length-grouped | CAP-f (cls, unsup 0.3) | 0.5 | 1 | 81.00 | 82.00 | -1.00 |" in gap
     assert (out / "gap.png").read_bytes()[:4] == b"\x89PNG"
 
 
