@@ -1,9 +1,12 @@
 """The scale study's tables and plot (scripts/scale_minilm_sst2.sh, scripts/scale_up_minilm_sst2.sh): each CAP-f
 setting minus its no-contrast baseline, per seed, as the number of updates per pruning step grows.
 
-    python scripts/scale_report.py results/minilm-sst2-scale/runs --out results/minilm-sst2-scale
+    python scripts/scale_report.py results/minilm-sst2-scale/runs results/minilm-sst2-select/runs/dev \
+        --out results/minilm-sst2-scale
 
-Reads the runs with cap.report's collector (so the same runs, splits and metrics). A run's arm is the baseline
+Reads the runs under every folder given with cap.report's collector (so the same runs, splits and metrics): the
+selection study's dev runs of its choice pair with the scale study's 1,000-sentence baseline (same subset, teacher,
+path and seeds). A run's arm is the baseline
 (contrast.enabled=false) or CAP-f labelled by its pooling and unsupervised weight ("CAP-f (cls, unsup 0.3)": the
 paper's settings; "CAP-f (auto, unsup 0.03)": the selection study's choice); its path is its precision and batching
 (the scale study ran fp32 with random batches, the scale-up the defaults: the precision `trainer.precision=auto`
@@ -58,7 +61,11 @@ def pairs(records: list[dict], split: str = "validation", metric: str = "accurac
         batch, epochs = json.loads(config["trainer.batch_size"]), json.loads(config["prune.retrain_epochs"])
         key = (size, path(config), r["sparsity"], r["seed"])
         cell = cells.setdefault(key, {"updates_per_step": math.ceil(size / batch) * epochs, "arms": {}})
-        cell["arms"][arm(r)] = 100 * r["value"]
+        name = arm(r)
+        if name in cell["arms"]:
+            raise SystemExit(f"two {name} runs at {size} sentences, {key[1]}, sparsity {key[2]}, seed {key[3]}: "
+                             "give each run once (the same study under two folders?)")
+        cell["arms"][name] = 100 * r["value"]
     rows = []
     for (size, run_path, sparsity, seed), cell in sorted(cells.items()):
         baseline = cell["arms"].pop("baseline", None)
@@ -93,7 +100,8 @@ def to_markdown(rows: list[dict]) -> str:
                              r["n"], cell(r, "accuracy"), cell(r, "baseline"), cell(r, "gap", "+")] for r in rows))
     return "\n".join(lines + [
         "", "SST-2 dev accuracy; gap = the arm - the baseline (no contrastive terms, same schedule, same path), "
-        "mean ± sample std over seeds (n). Path: the run's precision and batching (fp32: the scale study's runs; "
+        "mean ± sample std over seeds (n). Path: the run's precision and batching (fp32: the scale and selection "
+        "studies' runs; "
         "bf16 or fp32 with length-grouped batches: the scale-up's defaults, the teacher's outputs cached). "
         f"The paper's budget: about {PAPER_UPDATES_PER_STEP:,} updates per pruning step."]) + "\n"
 
@@ -137,10 +145,10 @@ def plot(per_seed: list[dict], rows: list[dict], path_png: Path) -> None:
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", help="folders of runs (searched recursively)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    per_seed = pairs(collect_runs([args.runs]))
+    per_seed = pairs(collect_runs(args.runs))
     rows = summary(per_seed)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "table.csv", "w", newline="") as f:

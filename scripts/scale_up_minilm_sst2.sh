@@ -75,5 +75,5 @@ done
 if [[ -d "$work/sweeps/movement-16k" ]]; then collect "$work/sweeps/movement-16k" "$movement_out/runs/movement-16k"; fi
 cd "$repo"
 python -m cap.report "$scale/runs" --out "$scale/report"
-python scripts/scale_report.py "$scale/runs" --out "$scale"
+python scripts/scale_report.py "$scale/runs" "$repo/results/minilm-sst2-select/runs/dev" --out "$scale"
 python -m cap.report "$movement_out/runs" --out "$movement_out"

@@ -4,6 +4,7 @@ dirs; and every committed study's tables are what its committed runs give."""
 import argparse
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -105,15 +106,25 @@ def test_scale_report_pairs_each_cap_f_arm_with_its_baseline_per_size_path_spars
     assert "| 8000 | 1000 | bf16, length-grouped | CAP-f (auto, unsup 0.03) | 0.9 | 1 | 80.00 | 76.00 | +4.00 |" in gap
     assert "| 8000 | 1000 | bf16, length-grouped | CAP-f (cls, unsup 0.3) | 0.5 | 1 | 81.00 | 82.00 | -1.00 |" in gap
     assert (out / "gap.png").read_bytes()[:4] == b"\x89PNG"
+    # a baseline in another folder pairs as well; one run reached twice (two copies) is refused, not averaged
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(runs / "n-base", tmp_path / "elsewhere" / "n-base")
+    again = script_module("scale_report").main([str(runs), str(tmp_path / "elsewhere"), "--out", str(tmp_path / "2")])
+    assert (again / "gap.md").read_text() == gap
+    shutil.copytree(runs / "n-paper", tmp_path / "elsewhere" / "n-paper")
+    with pytest.raises(SystemExit, match="two CAP-f"):
+        script_module("scale_report").main([str(runs), str(tmp_path / "elsewhere"), "--out", str(tmp_path / "3")])
 
 
 def test_the_committed_scale_study_is_what_its_runs_give(tmp_path):
-    """results/minilm-sst2-scale/ (scripts/scale_minilm_sst2.sh): its tables are what cap.report and
-    scripts/scale_report.py make of the runs committed beside them."""
+    """results/minilm-sst2-scale/ (scripts/scale_minilm_sst2.sh, scale_up_minilm_sst2.sh): its tables are what
+    cap.report and scripts/scale_report.py make of the runs committed beside them (and, for the chosen setting at
+    1,000 sentences, of the selection study's dev runs)."""
     from cap.report import main as report
 
     committed = REPO / "results" / "minilm-sst2-scale"
-    out = script_module("scale_report").main([str(committed / "runs"), "--out", str(tmp_path)])
+    select_dev = REPO / "results" / "minilm-sst2-select" / "runs" / "dev"  # the choice at 1,000 sentences
+    out = script_module("scale_report").main([str(committed / "runs"), str(select_dev), "--out", str(tmp_path)])
     report([str(committed / "runs"), "--out", str(tmp_path / "report")])
     for name in ("table.csv", "gap.md"):
         assert (out / name).read_text() == (committed / name).read_text(), name
