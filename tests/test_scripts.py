@@ -132,6 +132,31 @@ def test_the_committed_scale_study_is_what_its_runs_give(tmp_path):
         assert (tmp_path / "report" / name).read_text() == (committed / "report" / name).read_text(), name
 
 
+def test_teacher_table_finds_each_runs_cached_teacher_and_keeps_the_rows_of_one_gone(tmp_path):
+    from omegaconf import OmegaConf
+
+    from cap.recipes.finetune import teacher_run
+
+    cfg = composed(["task=sst2", "method=cap_f", "data.max_train_samples=64", "trainer.precision=fp32",
+                    "teacher.seed=42", "data.seed=42"])
+    for seed in (1, 2):  # two runs, one teacher (pinned, as the studies pin it)
+        run = tmp_path / "runs" / f"s{seed}"
+        (run / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.merge(cfg, {"seed": seed}), run / ".hydra" / "config.yaml")
+        (run / "metrics.json").write_text(json.dumps(cap_f_rows(0.8, 0.7)))
+    teacher = tmp_path / "work" / teacher_run(cfg)[0]
+    teacher.mkdir(parents=True)
+    (teacher / "metrics.json").write_text(json.dumps([{"stage": "final", "method": "finetune", "sparsity": 0.0,
+                                                       "step": 8, "split": "validation", "accuracy": 0.8521}]))
+    table = script_module("teacher_table")
+    args = [str(tmp_path / "runs"), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "teachers.md")]
+    row = f"| {teacher.name} | sst2 | 64 | fp32 | 2 | validation | accuracy | 85.21 |"
+    assert row in table.main(args).read_text()
+    shutil.rmtree(teacher)  # gone from the work dir: the measured row stays
+    assert row in table.main(args).read_text()
+    assert "not found" in table.main([*args[:-1], str(tmp_path / "fresh.md")]).read_text()
+
+
 def test_gradient_balance_reads_every_stage_of_a_cap_f_run(tiny_model_dir, sst2_teacher_dir, tmp_path):
     from omegaconf import OmegaConf
 
