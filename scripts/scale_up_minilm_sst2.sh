@@ -74,18 +74,11 @@ for g in cap_f-8k chosen-8k cap_f-32k chosen-32k full; do
 done
 if [[ -d "$work/sweeps/movement-16k" ]]; then collect "$work/sweeps/movement-16k" "$movement_out/runs/movement-16k"; fi
 cd "$repo"
-scale_up_runs=() movement_runs=()
-for g in cap_f-8k chosen-8k cap_f-32k chosen-32k full; do
-    if [[ -d "$scale/runs/$g" ]]; then scale_up_runs+=("$scale/runs/$g"); fi
-done
-if [[ -d "$movement_out/runs/movement-16k" ]]; then movement_runs+=("$movement_out/runs/movement-16k"); fi
-# the teachers' own dev accuracy (the teachers stay in the work dir; the table keeps rows of ones no longer there)
-if ((${#scale_up_runs[@]})); then
-    python scripts/teacher_table.py "${scale_up_runs[@]}" --work "$work" --out "$scale/teachers.md"
-fi
-if ((${#movement_runs[@]})); then
-    python scripts/teacher_table.py "${movement_runs[@]}" --work "$work" --out "$movement_out/teachers-16k.md"
-fi
+# the teachers' own dev accuracy: the scale-up's teachers are in the work dir; the earlier studies' rows (teachers
+# no longer on disk) stay as the tables have them
+python scripts/teacher_table.py "$scale/runs" "$repo/results/minilm-sst2-select/runs/dev" --work "$work" \
+    --out "$scale/teachers.md"
+python scripts/teacher_table.py "$movement_out/runs" --work "$work" --out "$movement_out/teachers.md"
 python -m cap.report "$scale/runs" --out "$scale/report"
 python scripts/scale_report.py "$scale/runs" "$repo/results/minilm-sst2-select/runs/dev" --out "$scale"
 python -m cap.report "$movement_out/runs" --out "$movement_out"

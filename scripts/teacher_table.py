@@ -8,7 +8,9 @@ this table is what says how good each teacher was.
 
 --work is the folder the runs were launched from (their `teacher.cache_dir` is relative to it); run it with the
 environment the runs had (`CAP_DATA_DIR`: the data settings are part of a teacher's key). A teacher that is
-no longer there (another machine, a cleaned work dir) gets a row saying so, and the table keeps what it had for it.
+no longer there (another machine, a cleaned work dir) keeps the rows the table had for it; one never measured
+gets a row saying "not found", or, with --fit-missing, is fine-tuned again from the runs' config and measured
+(deterministic where the precision and kernels are: a check of the number a README quotes, not the teacher itself).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def teachers(roots: list[Path], work: Path) -> dict[str, dict]:
             folder = Path(cfg.teacher.path).parent if cfg.teacher.path else work / teacher_run(cfg)[0]
             entry = found.setdefault(folder.name, {
                 "task": cfg.task.name, "train sentences": cfg.data.max_train_samples,
-                "precision": cfg.trainer.precision, "runs": 0, "folder": folder})
+                "precision": cfg.trainer.precision, "runs": 0, "folder": folder, "cfg": cfg})
             entry["runs"] += 1
     return found
 
@@ -50,6 +52,14 @@ def rows_of(name: str, entry: dict) -> list[list]:
     return [common + [r["split"], k, f"{100 * v:.2f}"] for r in json.loads(metrics.read_text())
             for k, v in r.items() if k not in {"stage", "method", "sparsity", "step", "split"}
             and isinstance(v, (int, float))]
+
+
+def refit(cfg, work: Path) -> None:
+    """Fine-tune the teacher of `cfg` into `work`'s teacher cache, as a run launched from `work` would have."""
+    from cap.recipes.finetune import ensure_teacher
+
+    cfg = OmegaConf.merge(cfg, {"teacher": {"cache_dir": str(work / cfg.teacher.cache_dir)}})
+    ensure_teacher(cfg)
 
 
 def previous(out: Path) -> dict[str, list[list]]:
@@ -68,11 +78,17 @@ def main(argv=None) -> Path:
     parser.add_argument("runs", type=Path, nargs="+", help="folders of runs (searched recursively)")
     parser.add_argument("--work", type=Path, default=Path("."), help="the folder the runs were launched from")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fit-missing", action="store_true",
+                        help="fine-tune again, into --work, each teacher that is neither there nor in --out (the "
+                             "same config as the runs' own teacher: a dense fine-tuning run per teacher)")
     args = parser.parse_args(argv)
     kept = previous(args.out)
     table = []
     for name, entry in sorted(teachers(args.runs, args.work).items(), key=lambda kv: (kv[1]["train sentences"] or float("inf"), kv[0])):
         rows = rows_of(name, entry)
+        if rows[0][6] == "not found" and name not in kept and args.fit_missing and not entry["cfg"].teacher.path:
+            refit(entry["cfg"], args.work)
+            rows = rows_of(name, entry)
         if rows[0][6] == "not found" and name in kept:
             rows = [cells[:4] + [entry["runs"]] + cells[5:] for cells in kept[name]]
         table += rows

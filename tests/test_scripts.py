@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from cap.data import load_task_data
 from cap.pruning.movement import PRUNED_MODULES, prunable_linears
 
-from helpers import REPO, cap_f_overrides, cap_f_rows, cap_m_rows, composed, fake_run
+from helpers import REPO, cap_f_overrides, cap_f_rows, cap_m_rows, composed, fake_run, tiny_overrides
 
 
 def script_module(name):
@@ -155,6 +155,21 @@ def test_teacher_table_finds_each_runs_cached_teacher_and_keeps_the_rows_of_one_
     shutil.rmtree(teacher)  # gone from the work dir: the measured row stays
     assert row in table.main(args).read_text()
     assert "not found" in table.main([*args[:-1], str(tmp_path / "fresh.md")]).read_text()
+
+
+def test_teacher_table_fits_a_missing_teacher_again_from_the_runs_config(tiny_model_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = composed([*tiny_overrides(tiny_model_dir, "sst2"), "method=cap_f", "trainer.precision=fp32"])
+    (tmp_path / "runs" / "one" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, tmp_path / "runs" / "one" / ".hydra" / "config.yaml")
+    (tmp_path / "runs" / "one" / "metrics.json").write_text(json.dumps(cap_f_rows(0.8, 0.7)))
+    out = script_module("teacher_table").main([str(tmp_path / "runs"), "--work", str(tmp_path / "work"),
+                                               "--out", str(tmp_path / "teachers.md"), "--fit-missing"])
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| sst2-"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5:7] == ["validation", "accuracy"] and 0 <= float(cells[7]) <= 100
+    assert list((tmp_path / "work").rglob("model/DONE"))  # fine-tuned into the work dir's teacher cache
 
 
 def test_gradient_balance_reads_every_stage_of_a_cap_f_run(tiny_model_dir, sst2_teacher_dir, tmp_path):
