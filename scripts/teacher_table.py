@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -68,7 +67,7 @@ def previous(out: Path) -> dict[str, list[list]]:
     if out.exists():
         for line in out.read_text().splitlines()[2:]:
             cells = [c.strip() for c in line.strip("|").split("|")]
-            if len(cells) == len(HEADER) and re.fullmatch(r"\w+-[0-9a-f]{10}", cells[0]):
+            if line.startswith("|") and len(cells) == len(HEADER):
                 kept.setdefault(cells[0], []).append(cells)
     return kept
 
@@ -84,7 +83,8 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     kept = previous(args.out)
     table = []
-    for name, entry in sorted(teachers(args.runs, args.work).items(), key=lambda kv: (kv[1]["train sentences"] or float("inf"), kv[0])):
+    found = teachers(args.runs, args.work)
+    for name, entry in sorted(found.items(), key=lambda kv: (kv[1]["train sentences"] or float("inf"), kv[0])):
         rows = rows_of(name, entry)
         if rows[0][6] == "not found" and name not in kept and args.fit_missing and not entry["cfg"].teacher.path:
             refit(entry["cfg"], args.work)

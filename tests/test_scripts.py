@@ -132,6 +132,16 @@ def test_the_committed_scale_study_is_what_its_runs_give(tmp_path):
         assert (tmp_path / "report" / name).read_text() == (committed / "report" / name).read_text(), name
 
 
+def saved_run(path, cfg):
+    """A finished CAP-f run dir with a full composed config, as Hydra saves it."""
+    from omegaconf import OmegaConf
+
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, path / ".hydra" / "config.yaml")
+    (path / "metrics.json").write_text(json.dumps(cap_f_rows(0.8, 0.7)))
+    return path
+
+
 def test_teacher_table_finds_each_runs_cached_teacher_and_keeps_the_rows_of_one_gone(tmp_path):
     from omegaconf import OmegaConf
 
@@ -140,10 +150,7 @@ def test_teacher_table_finds_each_runs_cached_teacher_and_keeps_the_rows_of_one_
     cfg = composed(["task=sst2", "method=cap_f", "data.max_train_samples=64", "trainer.precision=fp32",
                     "teacher.seed=42", "data.seed=42"])
     for seed in (1, 2):  # two runs, one teacher (pinned, as the studies pin it)
-        run = tmp_path / "runs" / f"s{seed}"
-        (run / ".hydra").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.merge(cfg, {"seed": seed}), run / ".hydra" / "config.yaml")
-        (run / "metrics.json").write_text(json.dumps(cap_f_rows(0.8, 0.7)))
+        saved_run(tmp_path / "runs" / f"s{seed}", OmegaConf.merge(cfg, {"seed": seed}))
     teacher = tmp_path / "work" / teacher_run(cfg)[0]
     teacher.mkdir(parents=True)
     (teacher / "metrics.json").write_text(json.dumps([{"stage": "final", "method": "finetune", "sparsity": 0.0,
@@ -158,12 +165,8 @@ def test_teacher_table_finds_each_runs_cached_teacher_and_keeps_the_rows_of_one_
 
 
 def test_teacher_table_fits_a_missing_teacher_again_from_the_runs_config(tiny_model_dir, tmp_path):
-    from omegaconf import OmegaConf
-
-    cfg = composed([*tiny_overrides(tiny_model_dir, "sst2"), "method=cap_f", "trainer.precision=fp32"])
-    (tmp_path / "runs" / "one" / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, tmp_path / "runs" / "one" / ".hydra" / "config.yaml")
-    (tmp_path / "runs" / "one" / "metrics.json").write_text(json.dumps(cap_f_rows(0.8, 0.7)))
+    saved_run(tmp_path / "runs" / "one",
+              composed([*tiny_overrides(tiny_model_dir, "sst2"), "method=cap_f", "trainer.precision=fp32"]))
     out = script_module("teacher_table").main([str(tmp_path / "runs"), "--work", str(tmp_path / "work"),
                                                "--out", str(tmp_path / "teachers.md"), "--fit-missing"])
     row = next(line for line in out.read_text().splitlines() if line.startswith("| sst2-"))
