@@ -54,10 +54,17 @@ def rows_of(name: str, entry: dict) -> list[list]:
 
 
 def refit(cfg, work: Path) -> None:
-    """Fine-tune the teacher of `cfg` into `work`'s teacher cache, as a run launched from `work` would have."""
+    """Fine-tune the teacher of `cfg` into `work`'s teacher cache, as a run launched from `work` would have. The
+    run's config is laid over today's composition of its task and method, so keys added since it ran take their
+    defaults."""
+    from hydra import compose, initialize_config_dir
+
+    from cap.evaluate import CONF
     from cap.recipes.finetune import ensure_teacher
 
-    cfg = OmegaConf.merge(cfg, {"teacher": {"cache_dir": str(work / cfg.teacher.cache_dir)}})
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        today = compose(config_name="config", overrides=[f"task={cfg.task.name}", f"method={cfg.method.name}"])
+    cfg = OmegaConf.merge(today, cfg, {"teacher": {"cache_dir": str(work / cfg.teacher.cache_dir)}})
     ensure_teacher(cfg)
 
 
